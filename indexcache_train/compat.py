@@ -1,0 +1,232 @@
+"""Every adjustment we make to Megatron-Core 0.19.2 and its environment, in one place.
+
+Megatron-Core is written for CUDA machines with Transformer Engine (TE). Our machines have either
+no GPU (CPU development, CI) or a GPU without TE/apex (the lent H100/H200). No other module of
+this package patches Megatron; each fix below names the Megatron version and function it works
+around and has a test in ``tests/unit/test_compat.py`` that shows the failure without it
+(each fix can be switched off with ``INDEXCACHE_COMPAT_DISABLE=<name>[,<name>...]``).
+
+Three kinds of fixes:
+
+(a) Needed whenever TE does not import (CPU *and* the GPU machine):
+    * ``duplicated_linear``: DSA indexer projections are replicated on every TP rank; Megatron only
+      offers TE's ``parallel_mode="duplicated"`` linear. :class:`DuplicatedLinear` is a plain
+      linear with Megatron's constructor kwargs and ``(out, bias)`` return.
+    * SP-capable norms: Megatron's torch norm wrapper (``WrappedTorchNorm``) refuses
+      ``sequence_parallel=True`` (MoE with TP requires SP). :class:`RMSNorm` / :class:`LayerNorm`
+      tag their weights ``sequence_parallel`` so Megatron all-reduces their gradients over TP,
+      like TE's norms.
+    (MLA's mocked TE classes and the MoE router's ``te_general_gemm`` needed fixes in 0.16.1; we
+    use our own MLA module and 0.19.2's router has a torch fallback, so neither is patched here.)
+
+(b) Needed only without CUDA (CPU tests and development):
+    * ``current_device``: ``torch.cuda.current_device()`` is called for tensor placement in
+      ``TopKRouter.__init__`` (moe/router.py), ``_ParamAndGradBuffer`` and the optimizers;
+      it returns the CPU device here.
+    * ``rng_tracker``: ``model_parallel_cuda_manual_seed`` fails inside ``CudaRNGStatesTracker.add``
+      (``torch.cuda.get_rng_state``); :func:`model_parallel_seed` uses the no-op inference tracker.
+    * ``cuda_literals``: ``"cuda"`` device literals in ``DistributedOptimizer`` / grad-norm /
+      ``schedules`` token counters / dist-checkpointing exchanges are redirected to the CPU.
+    * gloo: :func:`distributed_backend` picks gloo without CUDA.
+
+(c) Environment: ``OMP_NUM_THREADS=1`` (a second busy process slowed a CPU forward 40x) and
+    ``TORCHDYNAMO_DISABLE=1`` on CPU (the first MoE forward otherwise spends ~30 s compiling).
+
+CPU support is a test/development mode: nothing here changes numerics.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = [
+    "apply",
+    "applied_fixes",
+    "distributed_backend",
+    "model_parallel_seed",
+    "DuplicatedLinear",
+    "RMSNorm",
+    "LayerNorm",
+    "has_cuda",
+]
+
+_APPLIED: list[str] = []
+_DISABLED_ENV = "INDEXCACHE_COMPAT_DISABLE"
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _disabled(name: str) -> bool:
+    return name in {s.strip() for s in os.environ.get(_DISABLED_ENV, "").split(",") if s.strip()}
+
+
+def applied_fixes() -> tuple[str, ...]:
+    """Names of the fixes :func:`apply` installed in this process."""
+    return tuple(_APPLIED)
+
+
+def set_environment() -> None:
+    """(c) Environment defaults; must run before torch spins up its thread pools."""
+    if not has_cuda():
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def distributed_backend() -> str:
+    """NCCL on GPUs, gloo on CPU."""
+    return "nccl" if has_cuda() else "gloo"
+
+
+def apply() -> tuple[str, ...]:
+    """Install every fix this machine needs; idempotent. Returns the names applied."""
+    set_environment()
+    if not has_cuda():
+        for name, fix in _CPU_FIXES.items():
+            if name not in _APPLIED and not _disabled(name):
+                fix()
+                _APPLIED.append(name)
+    return applied_fixes()
+
+
+# ---------------------------------------------------------------------- (b) CPU-only fixes
+def _fix_current_device() -> None:
+    # Megatron-Core 0.19.2 places buffers with device=torch.cuda.current_device() (TopKRouter,
+    # _ParamAndGradBuffer, optimizers); without CUDA that raises "Torch not compiled with CUDA".
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+
+
+def _fix_cuda_literals() -> None:
+    # Megatron-Core 0.19.2 creates tensors with device="cuda" / .cuda() in the training-loop code
+    # (DistributedOptimizer, clip_grads, schedules' token counters, dist-checkpointing exchange).
+    # On CPU, route those to the CPU: Tensor.cuda() becomes a no-op move and torch.cuda.* stream
+    # helpers become no-ops.
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda *a, **k: None  # type: ignore[assignment]
+
+
+def _fix_rng_tracker() -> None:
+    # Nothing to patch globally: model_parallel_seed() below picks the inference tracker on CPU.
+    pass
+
+
+_CPU_FIXES: dict[str, Callable[[], None]] = {
+    "current_device": _fix_current_device,
+    "cuda_literals": _fix_cuda_literals,
+    "rng_tracker": _fix_rng_tracker,
+}
+
+
+def model_parallel_seed(seed: int) -> None:
+    """Seed torch and Megatron's model-parallel RNG tracker (no-op tracker without CUDA).
+
+    Megatron-Core 0.19.2 ``model_parallel_cuda_manual_seed`` calls ``torch.cuda.get_rng_state``
+    in ``CudaRNGStatesTracker.add``; on CPU we build the inference tracker, whose ``add`` and
+    ``fork`` do nothing (we use no dropout, so nothing draws from the tracked states).
+    """
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    use_noop = not has_cuda() and not _disabled("rng_tracker")
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        seed, inference_rng_tracker=use_noop, force_reset_rng=True
+    )
+
+
+# ---------------------------------------------------------------------- (a) no-TE modules
+class DuplicatedLinear(torch.nn.Module):
+    """A linear layer replicated on every tensor-parallel rank (TE's ``parallel_mode="duplicated"``).
+
+    Accepts Megatron's linear constructor kwargs and returns ``(output, bias)`` like Megatron's
+    parallel linears. The parameters are identical on all TP ranks and every rank computes the
+    same gradient from the same (gathered) inputs, so DDP must *average* (not sum) them over TP:
+    they are tagged ``average_gradients_across_tp_domain`` exactly like Megatron's own DSA indexer.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: Any,
+        init_method: Callable[[torch.Tensor], Any] | None = None,
+        bias: bool = False,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype | None = None,
+        **_megatron_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        dtype = params_dtype or getattr(config, "params_dtype", torch.float32)
+        device = "cpu" if getattr(config, "use_cpu_initialization", True) else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=dtype, device=device))
+        if init_method is not None and getattr(config, "perform_initialization", True):
+            init_method(self.weight)
+        self.bias = (
+            torch.nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device)) if bias else None
+        )
+        self.skip_bias_add = skip_bias_add
+        for p in self.parameters():
+            p.average_gradients_across_tp_domain = True  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.skip_bias_add:
+            return torch.nn.functional.linear(x, self.weight.to(x.dtype)), self.bias
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias), None
+
+
+class _SPNorm(torch.nn.Module):
+    """Base of our torch norms: Megatron's constructor signature, sequence-parallel capable.
+
+    Megatron-Core 0.19.2 ``WrappedTorchNorm.__init__`` asserts ``not config.sequence_parallel``,
+    but MoE with TP requires SP. Under SP each TP rank normalises a different slice of tokens with
+    replicated weights, so the weight gradients are partial sums; tagging them
+    ``sequence_parallel`` makes Megatron's ``finalize_model_grads`` all-reduce them over TP,
+    which is what TE's norms do.
+    """
+
+    def _tag(self, config: Any) -> None:
+        for p in self.parameters():
+            p.sequence_parallel = bool(getattr(config, "sequence_parallel", False))  # type: ignore[attr-defined]
+
+
+class RMSNorm(_SPNorm):
+    """RMSNorm computed in fp32 and cast back, as HF's ``GlmMoeDsaRMSNorm`` does."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **_: Any) -> None:
+        super().__init__()
+        dtype = getattr(config, "params_dtype", torch.float32)
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.eps = eps
+        self._tag(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LayerNorm(_SPNorm):
+    """LayerNorm with weight and bias (the indexer's ``k_norm``), computed in fp32."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **_: Any) -> None:
+        super().__init__()
+        dtype = getattr(config, "params_dtype", torch.float32)
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+        self.eps = eps
+        self._tag(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.layer_norm(
+            x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps
+        )
+        return y.to(x.dtype)
