@@ -1,0 +1,1 @@
+"""Indexer distillation losses (pure torch; no Megatron, no training-loop imports)."""

@@ -1,0 +1,324 @@
+"""MLA self-attention with DeepSeek Sparse Attention and IndexCache (Full / Shared layers).
+
+Built from a Megatron ``ModuleSpec`` (see :mod:`indexcache_train.model.specs`) with Megatron's
+tensor-parallel linears and Megatron-Core parameter names (``linear_q_down_proj``, ``q_layernorm``,
+``linear_q_up_proj``, ``linear_kv_down_proj``, ``kv_layernorm``, ``linear_kv_up_proj``,
+``linear_proj``, ``core_attention.indexer.*``). The q norm is a standalone module whose output
+feeds both the q up-projection and the indexer (HF convention; Megatron's TE spec in 0.16 fed the
+indexer the pre-norm latent, which selects wrong top-k).
+
+Two MLA forms, chosen by the stage (``DSAForwardState.attention``):
+
+* ``dense`` (warm-up): the *expanded* form, per-head keys/values from ``linear_kv_up_proj``;
+  dense causal attention with LSE (cuDNN / our kernels on GPU, the chunked reference on CPU).
+* ``sparse``: the *absorbed* (MQA) form the sparse kernels need: ``q_nope`` is folded through the
+  key half of ``linear_kv_up_proj`` into the 512-dim latent, every head attends one shared latent
+  key ``[c_kv | k_rope]`` (576 dims) at its top-k positions, and the value half is applied to the
+  per-head latent output afterwards. Mathematically identical to the expanded form.
+
+Layout: Megatron hands us ``[S, B, H]`` (``S/tp`` rows under sequence parallelism); ops work
+batch-first, so tensors are transposed once here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from indexcache_train.loss.autoscaler import attach_loss
+from indexcache_train.loss.terms import dense_term, sparse_term
+from indexcache_train.model.dims import MLADims
+from indexcache_train.model.forward_state import DSAForwardState
+from indexcache_train.model.rope import RotaryTables, apply_rope
+from indexcache_train.ops import api as ops
+from indexcache_train.ops.masking import KeyRange
+from indexcache_train.schedule import IndexCacheSchedule
+
+
+@dataclass
+class DSASelfAttentionSubmodules:
+    linear_q_down_proj: ModuleSpec | type
+    q_layernorm: ModuleSpec | type
+    linear_q_up_proj: ModuleSpec | type
+    linear_kv_down_proj: ModuleSpec | type
+    kv_layernorm: ModuleSpec | type
+    linear_kv_up_proj: ModuleSpec | type
+    core_attention: ModuleSpec | type
+    linear_proj: ModuleSpec | type
+
+
+@dataclass
+class DSACoreAttentionSubmodules:
+    #: The indexer spec on Full layers; ``None`` on Shared layers (no indexer parameters at all).
+    indexer: ModuleSpec | None = None
+
+
+class DSACoreAttention(MegatronModule):
+    """Holds the Full layer's indexer; owns top-k selection and the distillation term."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: DSACoreAttentionSubmodules,
+        dims: MLADims,
+        layer_index: int,
+        schedule: IndexCacheSchedule,
+    ) -> None:
+        super().__init__(config=config)
+        self.dims, self.layer_index, self.schedule = dims, layer_index, schedule
+        is_full = schedule.is_full(layer_index)
+        if is_full != (submodules.indexer is not None):
+            raise ValueError(
+                f"layer {layer_index} is {'Full' if is_full else 'Shared'} in the schedule but its "
+                f"spec {'lacks' if is_full else 'has'} an indexer"
+            )
+        self.indexer = build_module(submodules.indexer, config=config, dims=dims) if is_full else None
+
+    @property
+    def is_full(self) -> bool:
+        return self.indexer is not None
+
+
+class DSASelfAttention(MegatronModule):
+    """MLA + DSA self-attention; see the module docstring."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: DSASelfAttentionSubmodules,
+        layer_number: int,
+        dims: MLADims,
+        schedule: IndexCacheSchedule,
+        layer_index: int | None = None,
+        kernel_backend: str = "auto",
+        pg_collection: ProcessGroupCollection | None = None,
+        **unused: Any,  # attn_mask_type, cp_comm_type, name: Megatron passes them to every attention
+    ) -> None:
+        super().__init__(config=config)
+        if pg_collection is None:
+            raise ValueError("DSASelfAttention needs Megatron's pg_collection (tp, cp groups)")
+        self.dims = dims
+        # Trunk layers derive their 0-based global index from Megatron's 1-based layer_number
+        # (offset by the pipeline stage); MTP layers are numbered per depth by Megatron, so their
+        # spec passes the global index explicitly.
+        self.layer_index = layer_number - 1 if layer_index is None else layer_index
+        self.schedule = schedule
+        self.kernel_backend = kernel_backend
+        self.tp_group = pg_collection.tp
+        tp_size = self.tp_group.size() if self.tp_group is not None else 1
+        if dims.num_heads % tp_size:
+            raise ValueError(f"num_attention_heads={dims.num_heads} not divisible by TP={tp_size}")
+        self.heads = dims.num_heads // tp_size
+        self.sequence_parallel = bool(config.sequence_parallel) and tp_size > 1
+        cp = getattr(pg_collection, "cp", None)
+        if cp is not None and cp.size() > 1:
+            raise ValueError(
+                "context parallelism is not supported by DSASelfAttention yet; use "
+                "context_parallel_size=1"
+            )
+
+        col = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False,
+                   gather_output=False, is_expert=False, tp_group=self.tp_group)
+        dup = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False)
+        self.linear_q_down_proj = build_module(submodules.linear_q_down_proj, dims.hidden_size, dims.q_lora_rank, **dup)
+        self.q_layernorm = build_module(submodules.q_layernorm, config=config, hidden_size=dims.q_lora_rank, eps=dims.latent_norm_eps)
+        self.linear_q_up_proj = build_module(
+            submodules.linear_q_up_proj, dims.q_lora_rank, dims.num_heads * dims.qk_head_dim, **col
+        )
+        self.linear_kv_down_proj = build_module(
+            submodules.linear_kv_down_proj, dims.hidden_size, dims.kv_lora_rank + dims.qk_rope_head_dim, **dup
+        )
+        self.kv_layernorm = build_module(submodules.kv_layernorm, config=config, hidden_size=dims.kv_lora_rank, eps=dims.latent_norm_eps)
+        self.linear_kv_up_proj = build_module(
+            submodules.linear_kv_up_proj,
+            dims.kv_lora_rank,
+            dims.num_heads * (dims.qk_nope_head_dim + dims.v_head_dim),
+            **col,
+        )
+        self.core_attention = build_module(
+            submodules.core_attention, config=config, dims=dims, layer_index=self.layer_index, schedule=schedule
+        )
+        self.linear_proj = build_module(
+            submodules.linear_proj,
+            dims.num_heads * dims.v_head_dim,
+            dims.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_group=self.tp_group,
+        )
+        # Under SP each TP rank down-projects its own slice of tokens: the replicated down
+        # projections then hold partial gradients that must be summed over TP (Megatron does
+        # this for parameters tagged ``sequence_parallel``). Without SP their gradients are
+        # already identical on every rank (the column-parallel up projections all-reduce the
+        # input gradient), so they must not be reduced again.
+        for p in (*self.linear_q_down_proj.parameters(), *self.linear_kv_down_proj.parameters()):
+            p.sequence_parallel = self.sequence_parallel
+        self.rotary = RotaryTables(dims.rope, dims.qk_rope_head_dim, dims.max_position_embeddings)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        dsa_state: DSAForwardState,
+        **unused: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``hidden_states``: post-norm ``[S, B, h]`` (``[S/tp, B, h]`` under SP)."""
+        if dsa_state is None:
+            raise ValueError(
+                "DSASelfAttention needs the per-forward dsa_state; call the model through "
+                "IndexCacheGPTModel.forward(..., dsa_state=...)"
+            )
+        dims = self.dims
+        q_lat = self.q_layernorm(self.linear_q_down_proj(hidden_states)[0])
+        kv_a = self.linear_kv_down_proj(hidden_states)[0]
+        c_kv, k_pe = kv_a.split([dims.kv_lora_rank, dims.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_layernorm(c_kv)
+        q = self.linear_q_up_proj(q_lat)[0]  # column-parallel: gathers SP rows itself
+        S, B = q.shape[:2]
+        q_SBHD = q.view(S, B, self.heads, dims.qk_head_dim)
+        x_full, qr_full = self._gather_rows(hidden_states), self._gather_rows(q_lat)
+        k_pe = self._gather_rows(k_pe)
+
+        cos, sin = dsa_state.rotary(self.rotary, q.dtype)
+        q_nope_BSHD = q_SBHD[..., : dims.qk_nope_head_dim].transpose(0, 1)
+        q_pe_BSHR = apply_rope(q_SBHD[..., dims.qk_nope_head_dim :].transpose(0, 1), cos, sin, dims.rope_interleave)
+        k_pe_BTR = apply_rope(k_pe.transpose(0, 1), cos, sin, dims.rope_interleave)
+        key_range = dsa_state.key_range or KeyRange.causal(B, S, q.device)
+
+        step = _LayerStep(self, dsa_state, x_full, qr_full, cos, sin, key_range)
+        if dsa_state.attention == "dense":
+            out_BSHV = self._dense(q_nope_BSHD, q_pe_BSHR, c_kv, k_pe_BTR, step)
+        else:
+            out_BSHV = self._sparse(q_nope_BSHD, q_pe_BSHR, self._gather_rows(c_kv), k_pe_BTR, step)
+        out_SBX = out_BSHV.transpose(0, 1).reshape(S, B, self.heads * dims.v_head_dim)
+        return self.linear_proj(out_SBX)
+
+    def _gather_rows(self, t_SBX: torch.Tensor) -> torch.Tensor:
+        if not self.sequence_parallel:
+            return t_SBX
+        return gather_from_sequence_parallel_region(t_SBX, group=self.tp_group)
+
+    def _kv_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head key/value halves of ``linear_kv_up_proj``: ``[H, nope, r]``, ``[H, v, r]``."""
+        d = self.dims
+        w = self.linear_kv_up_proj.weight.view(self.heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
+        return w[:, : d.qk_nope_head_dim], w[:, d.qk_nope_head_dim :]
+
+    # ------------------------------------------------------------------ dense (warm-up)
+    def _dense(self, q_nope, q_pe, c_kv_SBR, k_pe_BTR, step: _LayerStep) -> torch.Tensor:
+        d = self.dims
+        kv = self.linear_kv_up_proj(c_kv_SBR)[0]  # gathers SP rows itself
+        T = kv.shape[0]
+        kv_BTHX = kv.view(T, -1, self.heads, d.qk_nope_head_dim + d.v_head_dim).transpose(0, 1)
+        k_nope, v_BTHV = kv_BTHX.split([d.qk_nope_head_dim, d.v_head_dim], dim=-1)
+        q_BSHD = torch.cat([q_nope, q_pe], -1)
+        k_BTHD = torch.cat([k_nope, k_pe_BTR[:, :, None].expand(-1, -1, self.heads, -1)], -1)
+        step.publish(topk_BSK=None)
+        out, lse = ops.dense_attention(q_BSHD, k_BTHD, v_BTHV, d.softmax_scale, step.key_range,
+                                       backend=self.kernel_backend)
+        return step.add_term(out, lambda iq, ik, iw, scale: dense_term(
+            q_BSHD.detach(), k_BTHD.detach(), lse, step.key_range, d.softmax_scale, iq, ik, iw,
+            scale, self.tp_group, step.state.distill.chunk))
+
+    # ------------------------------------------------------------------ sparse
+    def _sparse(self, q_nope, q_pe, c_kv_SBR, k_pe_BTR, step: _LayerStep) -> torch.Tensor:
+        d = self.dims
+        w_uk_HNR, w_uv_HVR = self._kv_up_weights()
+        q_abs_BSHD = torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk_HNR), q_pe], -1)
+        kv_BTD = torch.cat([c_kv_SBR.transpose(0, 1), k_pe_BTR], -1)
+        topk_BSK = step.select_topk()
+        step.publish(topk_BSK)
+        if step.state.captured_topk is not None:
+            step.state.captured_topk[self.layer_index] = topk_BSK
+        lat_BSHR, lse = ops.sparse_mla(q_abs_BSHD, kv_BTD, topk_BSK, d.softmax_scale, d.kv_lora_rank,
+                                       backend=self.kernel_backend)
+        out = torch.einsum("bshr,hvr->bshv", lat_BSHR, w_uv_HVR)
+        return step.add_term(out, lambda iq, ik, iw, scale: sparse_term(
+            q_abs_BSHD.detach(), kv_BTD.detach(), lse, topk_BSK, d.softmax_scale, iq, ik, iw,
+            scale, self.tp_group, step.state.distill.chunk))
+
+
+class _LayerStep:
+    """One layer's forward against the per-forward state: top-k, publishing, distillation term."""
+
+    def __init__(self, attn: DSASelfAttention, state: DSAForwardState, x_SBH, qr_SBR, cos, sin, key_range) -> None:
+        self.attn, self.state, self.key_range = attn, state, key_range
+        self.cos, self.sin = cos, sin
+        core = attn.core_attention
+        self.layer = attn.layer_index
+        self.is_full = core.is_full
+        mode = state.distill.mode
+        # Entries carry the source's top-k (sparse stage) and, for the multi-layer loss, its
+        # detached indexer inputs; consumers must read exactly when the source publishes.
+        self.needs_entry = state.attention == "sparse" or mode == "multi"
+        self.reads_entry = self.needs_entry and (not self.is_full or state.is_recompute)
+        self.entry = state.read(self.layer) if self.reads_entry else None
+        self.x_BSH = x_SBH.detach().transpose(0, 1)
+        self.qr_BSR = qr_SBR.detach().transpose(0, 1)
+        # A term is due on Full layers (multi and own_layer) and on Shared layers (multi only);
+        # never in a checkpointed chunk's first pass: it is built when the chunk is recomputed.
+        self.term_due = (
+            mode != "none" and state.phase != "checkpoint" and (self.is_full or mode == "multi")
+        )
+        self.proj = self._source_projection() if self.term_due else None
+
+    def _source_projection(self):
+        """The source indexer's (q, k, w), recomputed from its detached inputs, with grad."""
+        if self.is_full:
+            indexer, x, qr = self.attn.core_attention.indexer, self.x_BSH, self.qr_BSR
+        else:
+            indexer = self.entry.indexer
+            x, qr = (t.transpose(0, 1) for t in self.entry.indexer_inputs)
+        with torch.set_grad_enabled(self.state.distill.compute_grad):
+            return (*indexer(x, qr, self.cos, self.sin), indexer.softmax_scale)
+
+    def select_topk(self) -> torch.Tensor:
+        if self.entry is not None:
+            return self.entry.topk_BSK
+        indexer = self.attn.core_attention.indexer
+        if self.proj is not None:
+            iq, ik, iw = (t.detach() for t in self.proj[:3])
+        else:
+            with torch.no_grad():
+                iq, ik, iw = indexer(self.x_BSH, self.qr_BSR, self.cos, self.sin)
+        return ops.indexer_topk(iq, ik, iw, self.attn.dims.index_topk, indexer.softmax_scale,
+                                self.key_range, backend=self.attn.kernel_backend)
+
+    def publish(self, topk_BSK: torch.Tensor | None) -> None:
+        if self.is_full and self.needs_entry and not self.state.is_recompute:
+            multi = self.state.distill.mode == "multi"
+            inputs = (self.x_BSH.transpose(0, 1), self.qr_BSR.transpose(0, 1)) if multi else None
+            self.state.put(self.layer, topk_BSK, inputs, self.attn.core_attention.indexer)
+
+    def add_term(self, out_BSHV: torch.Tensor, term_fn) -> torch.Tensor:
+        if not self.term_due:
+            return out_BSHV
+        schedule = self.attn.schedule
+        source = schedule.source(self.layer)
+        group = (source, *schedule.consumers(source))
+        weight = self.state.distill.weight(group.index(self.layer), len(group))
+        with torch.set_grad_enabled(self.state.distill.compute_grad):
+            kl_sum = term_fn(*self.proj)
+        rows = out_BSHV.shape[0] * out_BSHV.shape[1]
+        self.state.record_kl(source, self.layer, kl_sum.detach() / rows)
+        if weight == 0.0 or not kl_sum.requires_grad:
+            return out_BSHV
+        loss = kl_sum * (weight * self.state.distill.loss_coeff / rows)
+        if torch.is_grad_enabled():
+            return attach_loss(out_BSHV, loss)
+        # Frozen trunk (dense warm-up runs it without an autograd graph): there is no
+        # activation to carry the term, so the model attaches it to its output instead.
+        self.state.pending_losses.append(loss)
+        return out_BSHV

@@ -1,0 +1,75 @@
+"""Helpers shared by the Triton kernels (interpreter switch, dot wrapper, head-dim split).
+
+Triton 3.6's CPU interpreter (``TRITON_INTERPRET=1``) computes ``tl.dot`` on bf16 operands from
+their raw bit patterns (errors of 1e10 on a 16x16 product, seen here); every kernel therefore
+goes through :func:`mma`, which upcasts to fp32 only when ``INTERPRET`` is set, so the compiled
+GPU kernels still issue bf16 tensor-core instructions with fp32 accumulation.
+
+The same interpreter turns a scalar into ``int`` with ``int(ndarray)``, which numpy >= 2.x refuses
+for the 1-element arrays its reductions and scalar loads produce ("only 0-dimensional arrays can
+be converted"), so a loop bound computed at run time (``range(lo, hi, BLOCK)``) fails there.
+:func:`_patch_interpreter` swaps in ``.reshape(-1)[0]`` for that one conversion; it runs only
+when ``TRITON_INTERPRET=1`` and touches nothing on the GPU path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+
+def _patch_interpreter() -> None:
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_indexcache_patched", False):
+        return
+
+    def patched(tensor, scope) -> None:  # type: ignore[no-untyped-def]
+        original(tensor, scope)
+        scope.set_attr(
+            tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0])
+        )
+
+    patched._indexcache_patched = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _patch_interpreter()
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def mma(a, b, INTERP: tl.constexpr):
+    """``a @ b`` with fp32 accumulation (bf16 tensor cores on GPU, fp32 in the interpreter)."""
+    if INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+def split_pow2(dim: int) -> tuple[int, int]:
+    """Split a head dim into two power-of-two parts ``(a, b)`` with ``a + b == dim``, ``b < a``.
+
+    Triton block shapes must be powers of two; MLA's dims are sums of two (192 = 128 + 64,
+    576 = 512 + 64, 256 = 256 + 0), so each is loaded as two tiles and the dots are summed
+    instead of padding to the next power of two (which would waste up to a third of the FLOPs).
+    """
+    a = 1 << (dim.bit_length() - 1)
+    b = dim - a
+    if b & (b - 1):
+        raise ValueError(f"head dim {dim} is not a sum of two powers of two")
+    return a, b
+
+
+def is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0

@@ -1,0 +1,518 @@
+"""Dense flash attention with per-row key ranges (Triton, forward + backward, per-head LSE).
+
+For what cuDNN cannot do: KeyRange masks (packed documents: ``key_start`` = document start;
+context parallel: ``query_index`` = global key-order position of a local query row, ``T != S``).
+Plain causal attention goes to cuDNN (:mod:`indexcache_train.ops.cudnn_attention`).
+
+Algorithm (FlashAttention-2)
+    Forward: one program per (``BLOCK_M`` query rows, batch*head). The rows' union key window
+    ``[min key_start, max query_index]`` is scanned in ``BLOCK_N`` key tiles with an online softmax
+    (base-2 exponentials, scale folded into log2 space); the element mask ``key_start <= t <=
+    query_index`` is applied in every tile, so any per-row range is exact while tile skipping
+    happens at block granularity. MLA head dims are sums of two powers of two (qk 192 = 128 + 64,
+    256 = 256): Q/K are loaded as two column tiles and the two dots summed, instead of padding.
+    Saves only O and the LSE (natural log of the scaled logits, ``[B, S, H]`` fp32; ``-inf`` and a
+    zero output for rows with no valid key).
+
+    Backward: ``delta = rowsum(dO * O)`` (fp32); one kernel per key tile accumulates dK, dV over
+    the query blocks that can see the tile (a ``[first, last]`` query-block range per key tile,
+    computed from per-block ``max query_index`` / ``min key_start``), one kernel per query block
+    accumulates dQ over its key window. No atomics: deterministic.
+
+Accumulation
+    bf16 tensor-core products with fp32 accumulators; softmax statistics, LSE, delta in fp32;
+    P and dS are rounded to bf16 before their products (as in FlashAttention-2).
+
+Known limits
+    Value head dim a power of two (128 / 256); qk head dim a sum of two powers of two. Query
+    blocks whose rows span several documents scan the union of their key windows (masked
+    elements cost compute); CP zigzag query blocks that straddle the two chunks likewise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from indexcache_train.ops.masking import KeyRange
+from indexcache_train.ops.triton_common import INTERPRET, LN2, LOG2E, is_pow2, mma, split_pow2
+
+LN2_C: tl.constexpr = tl.constexpr(LN2)
+LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
+QB_ROWS = 128  # granularity of the per-query-block bounds the dK/dV kernel reads (>= BLOCK_M)
+
+
+def _fwd_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+    ]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["DA", "DB", "DV", "H"])
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    qi_ptr,
+    ks_ptr,
+    scale_log2,
+    S,
+    T,
+    H,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_lb,
+    stride_ls,
+    stride_rb,
+    DA: tl.constexpr,
+    DB: tl.constexpr,
+    DV: tl.constexpr,
+    INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < S
+    qi = tl.load(qi_ptr + b * stride_rb + offs_m, mask=row_ok, other=-1).to(tl.int32)
+    ks = tl.load(ks_ptr + b * stride_rb + offs_m, mask=row_ok, other=2**30).to(tl.int32)
+    lo = tl.maximum(tl.min(ks, axis=0), 0)
+    hi = tl.minimum(tl.max(qi, axis=0), T - 1)
+    start = (lo // BLOCK_N) * BLOCK_N
+
+    offs_a = tl.arange(0, DA)
+    offs_v = tl.arange(0, DV)
+    q_row = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
+    qa = tl.load(q_row + offs_a[None, :], mask=row_ok[:, None], other=0.0)
+    if DB > 0:
+        offs_b = DA + tl.arange(0, DB)
+        qb = tl.load(q_row + offs_b[None, :], mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    for n0 in range(start, hi + 1, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < T
+        ka = tl.load(k_base + offs_n[:, None] * stride_kt + offs_a[None, :], mask=n_ok[:, None], other=0.0)
+        s = mma(qa, tl.trans(ka), INTERP)
+        if DB > 0:
+            kb = tl.load(
+                k_base + offs_n[:, None] * stride_kt + offs_b[None, :], mask=n_ok[:, None], other=0.0
+            )
+            s += mma(qb, tl.trans(kb), INTERP)
+        valid = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] <= qi[:, None])
+        s = tl.where(valid, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with no valid key so far keep m = -inf; shift by 0 there so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_v[None, :], mask=n_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, INTERP)
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2_C, float("-inf"))
+    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_v[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + b * stride_lb + offs_m * stride_ls + h, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    o_ptr,
+    do_ptr,
+    delta_ptr,
+    S,
+    H,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_v = tl.arange(0, DV)
+    row_ok = offs_m < S
+    o = tl.load(
+        o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_v[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_v[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    # delta is laid out [B, H, S] so the backward kernels read it contiguously per head.
+    tl.store(delta_ptr + (b * H + h) * S + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+def _bwd_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    ]
+
+
+@triton.autotune(configs=_bwd_configs(), key=["DA", "DB", "DV", "H"])
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    qi_ptr,
+    ks_ptr,
+    qblk_max_ptr,
+    qblk_min_ptr,
+    dk_ptr,
+    dv_ptr,
+    scale,
+    scale_log2,
+    S,
+    T,
+    H,
+    NQB,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_lb,
+    stride_ls,
+    stride_rb,
+    DA: tl.constexpr,
+    DB: tl.constexpr,
+    DV: tl.constexpr,
+    QB: tl.constexpr,
+    NQB_P2: tl.constexpr,
+    INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dK, dV for one key tile; loops over the query blocks (of size BLOCK_M) that can see it.
+
+    ``qblk_max``/``qblk_min`` hold per-``QB``-row-block max query_index / min key_start (QB is the
+    precompute granularity, a multiple of BLOCK_M); their ``[first, last]`` range bounds the loop.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < T
+    offs_a = tl.arange(0, DA)
+    offs_v = tl.arange(0, DV)
+    k_base = k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt
+    ka = tl.load(k_base + offs_a[None, :], mask=n_ok[:, None], other=0.0)
+    if DB > 0:
+        offs_b = DA + tl.arange(0, DB)
+        kb = tl.load(k_base + offs_b[None, :], mask=n_ok[:, None], other=0.0)
+    v = tl.load(
+        v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_v[None, :],
+        mask=n_ok[:, None],
+        other=0.0,
+    )
+
+    # First / last coarse query block (QB rows each) that can see a key of this tile: one
+    # vector load of the per-block bounds instead of a scalar loop over all blocks.
+    offs_j = tl.arange(0, NQB_P2)
+    j_ok = offs_j < NQB
+    qmax = tl.load(qblk_max_ptr + b * NQB + offs_j, mask=j_ok, other=-1)
+    kmin = tl.load(qblk_min_ptr + b * NQB + offs_j, mask=j_ok, other=2**30)
+    sees = (qmax >= n0) & (kmin < n0 + BLOCK_N) & j_ok
+    first = tl.min(tl.where(sees, offs_j, NQB))
+    last = tl.max(tl.where(sees, offs_j, -1))
+
+    dk_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
+    if DB > 0:
+        dk_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+    q_head = q_ptr + b * stride_qb + h * stride_qh
+    do_head = do_ptr + b * stride_dob + h * stride_doh
+    for m0 in range(first * QB, (last + 1) * QB, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < S
+        qi = tl.load(qi_ptr + b * stride_rb + offs_m, mask=row_ok, other=-1).to(tl.int32)
+        ks = tl.load(ks_ptr + b * stride_rb + offs_m, mask=row_ok, other=2**30).to(tl.int32)
+        qa = tl.load(q_head + offs_m[:, None] * stride_qs + offs_a[None, :], mask=row_ok[:, None], other=0.0)
+        # s^T [BLOCK_N, BLOCK_M]: keys on rows so dK/dV accumulate without transposing P.
+        st = mma(ka, tl.trans(qa), INTERP)
+        if DB > 0:
+            qb = tl.load(
+                q_head + offs_m[:, None] * stride_qs + offs_b[None, :], mask=row_ok[:, None], other=0.0
+            )
+            st += mma(kb, tl.trans(qb), INTERP)
+        lse2 = tl.load(lse_ptr + b * stride_lb + offs_m * stride_ls + h, mask=row_ok, other=0.0) * LOG2E_C
+        valid = (offs_n[:, None] >= ks[None, :]) & (offs_n[:, None] <= qi[None, :])
+        # Rows with lse = -inf have no valid key, so `valid` is already False for all of them.
+        pt = tl.where(valid, tl.exp2(st * scale_log2 - lse2[None, :]), 0.0)
+        do = tl.load(do_head + offs_m[:, None] * stride_dos + offs_v[None, :], mask=row_ok[:, None], other=0.0)
+        dv += mma(pt.to(do.dtype), do, INTERP)
+        dpt = mma(v, tl.trans(do), INTERP)
+        delta = tl.load(delta_ptr + (b * H + h) * S + offs_m, mask=row_ok, other=0.0)
+        dst = (pt * (dpt - delta[None, :])).to(qa.dtype)
+        dk_a += mma(dst, qa, INTERP)
+        if DB > 0:
+            dk_b += mma(dst, qb, INTERP)
+
+    dk_base = dk_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt
+    tl.store(dk_base + offs_a[None, :], (dk_a * scale).to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
+    if DB > 0:
+        tl.store(dk_base + offs_b[None, :], (dk_b * scale).to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(
+        dv_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_v[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=n_ok[:, None],
+    )
+
+
+@triton.autotune(configs=_bwd_configs(), key=["DA", "DB", "DV", "H"])
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    qi_ptr,
+    ks_ptr,
+    dq_ptr,
+    scale,
+    scale_log2,
+    S,
+    T,
+    H,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_lb,
+    stride_ls,
+    stride_rb,
+    DA: tl.constexpr,
+    DB: tl.constexpr,
+    DV: tl.constexpr,
+    INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dQ for one query block over its key window (same window and mask as the forward)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < S
+    qi = tl.load(qi_ptr + b * stride_rb + offs_m, mask=row_ok, other=-1).to(tl.int32)
+    ks = tl.load(ks_ptr + b * stride_rb + offs_m, mask=row_ok, other=2**30).to(tl.int32)
+    lo = tl.maximum(tl.min(ks, axis=0), 0)
+    hi = tl.minimum(tl.max(qi, axis=0), T - 1)
+    start = (lo // BLOCK_N) * BLOCK_N
+
+    offs_a = tl.arange(0, DA)
+    offs_v = tl.arange(0, DV)
+    q_row = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
+    qa = tl.load(q_row + offs_a[None, :], mask=row_ok[:, None], other=0.0)
+    if DB > 0:
+        offs_b = DA + tl.arange(0, DB)
+        qb = tl.load(q_row + offs_b[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(
+        do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_v[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    lse2 = tl.load(lse_ptr + b * stride_lb + offs_m * stride_ls + h, mask=row_ok, other=0.0) * LOG2E_C
+    delta = tl.load(delta_ptr + (b * H + h) * S + offs_m, mask=row_ok, other=0.0)
+
+    dq_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    if DB > 0:
+        dq_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    for n0 in range(start, hi + 1, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < T
+        ka = tl.load(k_base + offs_n[:, None] * stride_kt + offs_a[None, :], mask=n_ok[:, None], other=0.0)
+        s = mma(qa, tl.trans(ka), INTERP)
+        if DB > 0:
+            kb = tl.load(
+                k_base + offs_n[:, None] * stride_kt + offs_b[None, :], mask=n_ok[:, None], other=0.0
+            )
+            s += mma(qb, tl.trans(kb), INTERP)
+        valid = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] <= qi[:, None])
+        p = tl.where(valid, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_v[None, :], mask=n_ok[:, None], other=0.0)
+        dp = mma(do, tl.trans(v), INTERP)
+        ds = (p * (dp - delta[:, None])).to(qa.dtype)
+        dq_a += mma(ds, ka, INTERP)
+        if DB > 0:
+            dq_b += mma(ds, kb, INTERP)
+
+    dq_base = dq_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
+    tl.store(dq_base + offs_a[None, :], (dq_a * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if DB > 0:
+        tl.store(dq_base + offs_b[None, :], (dq_b * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _check_dims(q_BSHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHV: torch.Tensor) -> tuple[int, int, int]:
+    D, V = q_BSHD.shape[-1], v_BTHV.shape[-1]
+    if k_BTHD.shape[-1] != D or k_BTHD.shape[2] != q_BSHD.shape[2] or v_BTHV.shape[2] != q_BSHD.shape[2]:
+        raise ValueError("dense attention kernel expects q/k/v with equal head counts and qk dims")
+    if not is_pow2(V) or V < 16:
+        raise ValueError(f"value head dim {V} must be a power of two >= 16")
+    da, db = split_pow2(D)
+    if da < 16 or (db and db < 16):
+        raise ValueError(f"qk head dim {D} too small for tensor-core tiles")
+    return da, db, V
+
+
+def _range_tensors(key_range: KeyRange | None, B: int, S: int, device: torch.device):
+    key_range = key_range or KeyRange.causal(B, S, device)
+    qi_BS = key_range.query_index_BS.to(torch.int64).expand(B, S).contiguous()
+    ks_BS = key_range.key_start_BS.to(torch.int64).expand(B, S).contiguous()
+    return qi_BS, ks_BS
+
+
+def _attn_fwd(q_BSHD, k_BTHD, v_BTHV, scale, qi_BS, ks_BS):
+    B, S, H, _ = q_BSHD.shape
+    T = k_BTHD.shape[1]
+    da, db, V = _check_dims(q_BSHD, k_BTHD, v_BTHV)
+    out = torch.empty(B, S, H, V, dtype=q_BSHD.dtype, device=q_BSHD.device)
+    lse = torch.empty(B, S, H, dtype=torch.float32, device=q_BSHD.device)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd_kernel[grid](
+        q_BSHD, k_BTHD, v_BTHV, out, lse, qi_BS, ks_BS,
+        scale * LOG2E, S, T, H,
+        *q_BSHD.stride()[:3], *k_BTHD.stride()[:3], *v_BTHV.stride()[:3], *out.stride()[:3],
+        *lse.stride()[:2], qi_BS.stride(0),
+        DA=da, DB=db, DV=V, INTERP=INTERPRET,
+    )  # fmt: skip
+    return out, lse
+
+
+def _attn_bwd(dout, q_BSHD, k_BTHD, v_BTHV, out, lse, scale, qi_BS, ks_BS):
+    B, S, H, _ = q_BSHD.shape
+    T = k_BTHD.shape[1]
+    da, db, V = _check_dims(q_BSHD, k_BTHD, v_BTHV)
+    dout = dout.contiguous()
+    delta = torch.empty(B, H, S, dtype=torch.float32, device=q_BSHD.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(S, 64), B * H)](
+        out, dout, delta, S, H, *out.stride()[:3], *dout.stride()[:3], DV=V, BLOCK_M=64,
+    )  # fmt: skip
+    # Per QB-row block: max query_index and min key_start (rows past S pad with empty ranges).
+    nqb = triton.cdiv(S, QB_ROWS)
+    pad = nqb * QB_ROWS - S
+    qmax = torch.nn.functional.pad(qi_BS, (0, pad), value=-1).view(B, nqb, QB_ROWS).amax(-1)
+    kmin = torch.nn.functional.pad(ks_BS, (0, pad), value=2**30).view(B, nqb, QB_ROWS).amin(-1)
+    qmax = qmax.to(torch.int32).contiguous()
+    kmin = kmin.clamp_max(2**30).to(torch.int32).contiguous()
+    dq = torch.empty_like(q_BSHD)
+    dk = torch.empty_like(k_BTHD)
+    dv = torch.empty_like(v_BTHV)
+    common = (scale, scale * LOG2E)
+    grid_kv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
+    _attn_bwd_dkdv_kernel[grid_kv](
+        q_BSHD, k_BTHD, v_BTHV, dout, lse, delta, qi_BS, ks_BS, qmax, kmin, dk, dv,
+        *common, S, T, H, nqb,
+        *q_BSHD.stride()[:3], *k_BTHD.stride()[:3], *v_BTHV.stride()[:3], *dout.stride()[:3],
+        *lse.stride()[:2], qi_BS.stride(0),
+        DA=da, DB=db, DV=V, QB=QB_ROWS, NQB_P2=triton.next_power_of_2(nqb), INTERP=INTERPRET,
+    )  # fmt: skip
+    grid_q = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_bwd_dq_kernel[grid_q](
+        q_BSHD, k_BTHD, v_BTHV, dout, lse, delta, qi_BS, ks_BS, dq,
+        *common, S, T, H,
+        *q_BSHD.stride()[:3], *k_BTHD.stride()[:3], *v_BTHV.stride()[:3], *dout.stride()[:3],
+        *lse.stride()[:2], qi_BS.stride(0),
+        DA=da, DB=db, DV=V, INTERP=INTERPRET,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class _TritonDenseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_BSHD, k_BTHD, v_BTHV, scale, qi_BS, ks_BS):  # type: ignore[override]
+        q_BSHD, k_BTHD, v_BTHV = (x.contiguous() for x in (q_BSHD, k_BTHD, v_BTHV))
+        out, lse = _attn_fwd(q_BSHD, k_BTHD, v_BTHV, scale, qi_BS, ks_BS)
+        ctx.save_for_backward(q_BSHD, k_BTHD, v_BTHV, out, lse, qi_BS, ks_BS)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):  # type: ignore[override]
+        q_BSHD, k_BTHD, v_BTHV, out, lse, qi_BS, ks_BS = ctx.saved_tensors
+        dq, dk, dv = _attn_bwd(dout, q_BSHD, k_BTHD, v_BTHV, out, lse, ctx.scale, qi_BS, ks_BS)
+        return dq, dk, dv, None, None, None
+
+
+def dense_attention_triton(
+    q_BSHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    softmax_scale: float,
+    key_range: KeyRange | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked dense attention ``(out_BSHV, lse_BSH)`` with the Triton kernels (any KeyRange)."""
+    B, S = q_BSHD.shape[:2]
+    qi_BS, ks_BS = _range_tensors(key_range, B, S, q_BSHD.device)
+    return _TritonDenseAttention.apply(q_BSHD, k_BTHD, v_BTHV, softmax_scale, qi_BS, ks_BS)
