@@ -27,6 +27,8 @@ Three kinds of fixes:
       (``torch.cuda.get_rng_state``); :func:`model_parallel_seed` uses the no-op inference tracker.
     * ``cuda_literals``: ``"cuda"`` device literals in ``DistributedOptimizer`` / grad-norm /
       ``schedules`` token counters / dist-checkpointing exchanges are redirected to the CPU.
+    * ``cuda_streams``: CUDA stream/event calls in gradient reduction (``start_grad_sync``), DDP
+      construction and the alltoall MoE dispatcher become null streams (CPU runs in order).
     * gloo: :func:`distributed_backend` picks gloo without CUDA.
 
 (c) Environment: ``OMP_NUM_THREADS=1`` (a second busy process slowed a CPU forward 40x) and
@@ -43,6 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "apply",
@@ -103,14 +106,68 @@ def _fix_current_device() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
 
 
+class _CudaLiteralsToCPU(TorchFunctionMode):
+    """Rewrites ``device="cuda"`` / ``.cuda()`` / ``.to("cuda")`` to the CPU (CPU mode only)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Dtype checks spelled as CUDA type strings ("torch.cuda.FloatTensor") in
+            # DistributedOptimizer / Float16OptimizerWithFloat16Params.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not args[0].is_cuda else name
+        if func is torch.Tensor.to and args:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _is_cuda(value: Any) -> bool:
+    return isinstance(value, (str, torch.device)) and str(value).startswith("cuda")
+
+
+_CPU_MODE: _CudaLiteralsToCPU | None = None
+
+
 def _fix_cuda_literals() -> None:
-    # Megatron-Core 0.19.2 creates tensors with device="cuda" / .cuda() in the training-loop code
-    # (DistributedOptimizer, clip_grads, schedules' token counters, dist-checkpointing exchange).
-    # On CPU, route those to the CPU: Tensor.cuda() becomes a no-op move and torch.cuda.* stream
-    # helpers become no-ops.
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+    # Megatron-Core 0.19.2 allocates with device="cuda" literals in its training-loop code:
+    # MixedPrecisionOptimizer.__init__ (``_dummy_overflow_buf``), DistributedOptimizer, clip_grads,
+    # the schedules' token counters and dist-checkpointing exchanges, and checks dtypes with
+    # ``param.type() == "torch.cuda.FloatTensor"``. A process-wide TorchFunctionMode maps those
+    # allocations to the CPU and answers the type checks; nothing else is changed.
+    global _CPU_MODE
+    _CPU_MODE = _CudaLiteralsToCPU()
+    _CPU_MODE.__enter__()
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda *a, **k: None  # type: ignore[assignment]
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream`` / ``Event`` on CPU: every operation is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        # wait_stream, wait_event, record_event, synchronize, query, record, ...
+        return lambda *a, **k: True if name == "query" else None
+
+
+def _fix_cuda_streams() -> None:
+    # Megatron-Core 0.19.2 orders gradient reduction with CUDA streams
+    # (``_ParamAndGradBucketGroup.start_grad_sync``: ``torch.cuda.current_stream()``;
+    # ``DistributedDataParallel.__init__``: ``torch.cuda.Stream``) and the alltoall MoE dispatcher
+    # creates a stream and events in ``MoEAlltoAllTokenDispatcher.__init__``. On CPU everything
+    # runs in program order, so null streams/events are exact.
+    import contextlib
+
+    torch.cuda.current_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
+    torch.cuda.Stream = _NullStream  # type: ignore[assignment,misc]
+    torch.cuda.Event = _NullStream  # type: ignore[assignment,misc]
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
 
 
 def _fix_rng_tracker() -> None:
@@ -121,6 +178,7 @@ def _fix_rng_tracker() -> None:
 _CPU_FIXES: dict[str, Callable[[], None]] = {
     "current_device": _fix_current_device,
     "cuda_literals": _fix_cuda_literals,
+    "cuda_streams": _fix_cuda_streams,
     "rng_tracker": _fix_rng_tracker,
 }
 

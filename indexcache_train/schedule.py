@@ -447,13 +447,21 @@ def _resolve(
         )
         _agree(chosen, from_pattern, "indexer_types", "index_topk_pattern", source)
         _agree(chosen, periodic, "indexer_types", "index_topk_freq/index_skip_topk_offset", source)
-        return chosen
+        return _mtp_from_rule(chosen, periodic, len(types) == n)  # type: ignore[arg-type]
     if from_pattern is not None:
         _agree(from_pattern, periodic, "index_topk_pattern", "index_topk_freq/index_skip_topk_offset", source)
-        return from_pattern
+        return _mtp_from_rule(from_pattern, periodic, len(pattern) == n)  # type: ignore[arg-type]
     if periodic is not None:
         return periodic
     return IndexCacheSchedule.all_full(n, num_mtp, index_share_for_mtp_iteration=share_mtp)
+
+
+def _mtp_from_rule(
+    chosen: IndexCacheSchedule, periodic: IndexCacheSchedule | None, trunk_only: bool
+) -> IndexCacheSchedule:
+    """A trunk-length list/pattern says nothing about MTP layers; when freq/offset were given
+    too (and agree on the trunk), MTP layer k follows their rule at global index N+k."""
+    return periodic if periodic is not None and trunk_only else chosen
 
 
 def _agree(
