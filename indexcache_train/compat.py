@@ -29,6 +29,8 @@ Three kinds of fixes:
       ``schedules`` token counters / dist-checkpointing exchanges are redirected to the CPU.
     * ``cuda_streams``: CUDA stream/event calls in gradient reduction (``start_grad_sync``), DDP
       construction and the alltoall MoE dispatcher become null streams (CPU runs in order).
+    * ``checkpoint_rng``: activation checkpointing saves/restores the CUDA RNG state
+      (``tensor_parallel.random._get_cuda_rng_state``); on CPU there is none to keep.
     * gloo: :func:`distributed_backend` picks gloo without CUDA.
 
 (c) Environment: ``OMP_NUM_THREADS=1`` (a second busy process slowed a CPU forward 40x) and
@@ -170,6 +172,17 @@ def _fix_cuda_streams() -> None:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
 
 
+def _fix_checkpoint_rng() -> None:
+    # Megatron-Core 0.19.2 activation checkpointing (``CheckpointFunction`` via
+    # ``_get_all_rng_states`` / ``_set_all_rng_states`` / ``_fork_rng``) saves and restores the
+    # CUDA RNG state with ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``. Without CUDA there
+    # is no such state; the CPU generator is still saved and restored by the same functions.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: None
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
+
+
 def _fix_rng_tracker() -> None:
     # Nothing to patch globally: model_parallel_seed() below picks the inference tracker on CPU.
     pass
@@ -179,6 +192,7 @@ _CPU_FIXES: dict[str, Callable[[], None]] = {
     "current_device": _fix_current_device,
     "cuda_literals": _fix_cuda_literals,
     "cuda_streams": _fix_cuda_streams,
+    "checkpoint_rng": _fix_checkpoint_rng,
     "rng_tracker": _fix_rng_tracker,
 }
 

@@ -62,6 +62,15 @@ get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, use_distribute
 """,
         "Torch not compiled with CUDA",
     ),
+    "checkpoint_rng": (
+        """
+compat.model_parallel_seed(0)
+from megatron.core import tensor_parallel
+x = torch.ones(2, requires_grad=True)
+tensor_parallel.checkpoint(lambda t: t * 2, False, x).sum().backward()  # CheckpointFunction RNG save
+""",
+        "Torch not compiled with CUDA",
+    ),
     "cuda_streams": (
         """
 compat.model_parallel_seed(0)
@@ -102,7 +111,7 @@ def test_fix_is_needed(fix: str, repo_root) -> None:
 
 
 def test_applied_fixes_listed() -> None:
-    assert set(compat.applied_fixes()) == {"current_device", "cuda_literals", "cuda_streams", "rng_tracker"}
+    assert set(compat.applied_fixes()) == {"current_device", "cuda_literals", "cuda_streams", "checkpoint_rng", "rng_tracker"}
 
 
 def test_environment_defaults_in_fresh_process(repo_root) -> None:
