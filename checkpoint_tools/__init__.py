@@ -1,0 +1,1 @@
+"""HF checkpoint tools for DSA / IndexCache models: ``python -m checkpoint_tools <verb>``."""
