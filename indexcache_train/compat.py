@@ -16,6 +16,10 @@ Three kinds of fixes:
       ``sequence_parallel=True`` (MoE with TP requires SP). :class:`RMSNorm` / :class:`LayerNorm`
       tag their weights ``sequence_parallel`` so Megatron all-reduces their gradients over TP,
       like TE's norms.
+    * ``indexer_grad_norm_group``: Megatron-Core 0.19.2 clips registered parameter groups on their
+      own norm (``MegatronOptimizer.clip_grad_norm``), but only knows ``"mtp"``
+      (``optimizer.SEPARATE_GRAD_NORM_GROUPS``); we register ``"indexer"`` so the indexers'
+      distillation gradients stay out of the trunk's clipping norm.
     (MLA's mocked TE classes and the MoE router's ``te_general_gemm`` needed fixes in 0.16.1; we
     use our own MLA module and 0.19.2's router has a torch fallback, so neither is patched here.)
 
@@ -93,12 +97,32 @@ def distributed_backend() -> str:
 def apply() -> tuple[str, ...]:
     """Install every fix this machine needs; idempotent. Returns the names applied."""
     set_environment()
+    for name, fix in _ALWAYS_FIXES.items():
+        if name not in _APPLIED and not _disabled(name):
+            fix()
+            _APPLIED.append(name)
     if not has_cuda():
         for name, fix in _CPU_FIXES.items():
             if name not in _APPLIED and not _disabled(name):
                 fix()
                 _APPLIED.append(name)
     return applied_fixes()
+
+
+# ---------------------------------------------------------------------- (a) fixes on every machine
+INDEXER_GRAD_NORM_GROUP = "indexer"
+
+
+def _fix_indexer_grad_norm_group() -> None:
+    from megatron.core.optimizer import optimizer as mopt
+
+    if INDEXER_GRAD_NORM_GROUP not in mopt.SEPARATE_GRAD_NORM_GROUPS:
+        mopt.SEPARATE_GRAD_NORM_GROUPS = (*mopt.SEPARATE_GRAD_NORM_GROUPS, INDEXER_GRAD_NORM_GROUP)
+
+
+_ALWAYS_FIXES: dict[str, Callable[[], None]] = {
+    "indexer_grad_norm_group": _fix_indexer_grad_norm_group,
+}
 
 
 # ---------------------------------------------------------------------- (b) CPU-only fixes

@@ -1,0 +1,1 @@
+"""The training job: runtime setup, recipe stages, loop, checkpoints, metrics (imports Megatron)."""

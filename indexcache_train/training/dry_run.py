@@ -1,0 +1,57 @@
+"""``run.dry_run=true``: compose, validate, build one pipeline stage on the meta device, report.
+
+No GPU and no real process group: a fake process group of the configured world size lets
+Megatron create its parallel groups in one process, and every parameter lives on the ``meta``
+device, so even a 744B-parameter stage costs no memory. Prints parameters per stage and an
+estimate of the static memory per rank (bf16 weights, fp32 grads, distributed Adam state).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from indexcache_train.config.schema import TrainConfig
+from indexcache_train.config.validate import Resolved
+
+log = logging.getLogger("indexcache_train")
+
+
+def dry_run(cfg: TrainConfig, resolved: Resolved) -> dict[str, float]:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from indexcache_train import compat
+    from indexcache_train.training import runtime
+
+    compat.apply()
+    world = cfg.run.world_size or runtime.discover_ranks().world_size
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    runtime.init_model_parallel(cfg, create_gloo_groups=False)
+    torch.manual_seed(cfg.run.seed)
+    from megatron.core import parallel_state as ps
+
+    from indexcache_train.training.model_setup import build_chunks
+
+    with torch.device("meta"):
+        chunks, _ = build_chunks(cfg, resolved.model, resolved.pipeline_layout, torch.device("meta"))
+    n_params = sum(p.numel() for c in chunks for p in c.parameters())
+    n_indexer = sum(p.numel() for c in chunks for n, p in c.named_parameters() if ".indexer." in n)
+    dp = resolved.data_parallel_size
+    bytes_per_param = (2 if cfg.optim.bf16 else 4) + 4 + 12 / dp  # weights + fp32 grads + sharded Adam
+    gib = n_params * bytes_per_param / 2**30
+    layers = [c.decoder.layers[i].layer_number - 1 for c in chunks for i in range(len(c.decoder.layers))]
+    log.info(
+        "dry run OK | world %d (tp %d pp %d cp %d ep %d dp %d) | stage 0 layers %s | params/rank %.3fB "
+        "(indexers %.3fM) | static memory/rank ~%.1f GiB | schedule %s",
+        world, ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(), ps.get_expert_model_parallel_world_size(), dp,
+        f"{layers[0]}..{layers[-1]}" if layers else "-", n_params / 1e9, n_indexer / 1e6, gib,
+        resolved.model.schedule.describe(),
+    )
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    return {"dry_run/params_per_rank": float(n_params), "dry_run/static_gib_per_rank": gib}

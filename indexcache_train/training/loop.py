@@ -1,0 +1,253 @@
+"""The training job: ``run(cfg)`` from a composed, typed config to a finished run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from indexcache_train.config.compose import to_yaml
+from indexcache_train.config.schema import TrainConfig
+from indexcache_train.config.validate import Resolved, validate
+from indexcache_train.training import checkpointing as ckpt
+from indexcache_train.training import runtime
+from indexcache_train.training.flops import device_peak_tflops, step_flops
+from indexcache_train.training.lr import apply_lr
+from indexcache_train.training.model_setup import Wrapped, build_chunks, switch_stage, wrap_stage
+from indexcache_train.training.observability import Throughput, make_logger, memory_gib, step_line
+from indexcache_train.training.stages import distill_settings, position
+from indexcache_train.training.step import StepRunner, multi_loss_by_full_layer
+
+log = logging.getLogger("indexcache_train")
+
+
+@dataclass
+class _Stop:
+    """SIGTERM only sets a flag (a rank may get it twice: from Slurm and from torchrun); all ranks
+    agree at the next step boundary, save, and exit."""
+
+    requested: bool = False
+    previous: dict = field(default_factory=dict)
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", force=True)
+    # Megatron logs every DDP bucket and optimizer setting at INFO; keep the step lines readable.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def _data(cfg: TrainConfig, resolved: Resolved, consumed: int, dp_rank: int):
+    from indexcache_train.data import build_dataloader, build_datasets
+
+    o = cfg.optim
+    total_samples = cfg.total_steps * o.global_batch_size
+    eval_runs = (cfg.total_steps // cfg.logging.eval_interval if cfg.logging.eval_interval else 0) + 1
+    valid_samples = eval_runs * cfg.logging.eval_iters * o.global_batch_size
+    train_ds, valid_ds = build_datasets(cfg.data, seq_length=cfg.model.seq_length, train_samples=total_samples,
+                                        valid_samples=valid_samples, seed=cfg.run.seed)
+    loader = build_dataloader(train_ds, o.micro_batch_size, consumed, data_parallel_rank=dp_rank,
+                              data_parallel_size=resolved.data_parallel_size, num_workers=cfg.data.num_workers)
+    return iter(loader), valid_ds
+
+
+def _files(cfg: TrainConfig, resolved: Resolved) -> dict[str, str]:
+    return {"run_config.yaml": to_yaml(cfg), "model_config.json": json.dumps(resolved.model.to_hf_config(), indent=1)}
+
+
+def run(cfg: TrainConfig) -> dict[str, float]:
+    """Train; returns the last step's metrics (rank 0; other ranks the same values)."""
+    ranks = runtime.discover_ranks()
+    _setup_logging(ranks.rank)
+    resolved = validate(cfg, ranks.world_size)
+    if cfg.run.dry_run:
+        from indexcache_train.training.dry_run import dry_run
+
+        return dry_run(cfg, resolved)
+    device = runtime.init_process_group(ranks)
+    runtime.init_model_parallel(cfg)
+    runtime.seed_everything(cfg.run.seed)
+    out_dir = runtime.run_dir(cfg)
+    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
+    if ranks.rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.yaml").write_text(to_yaml(cfg))
+        log.info("resolved config:\n%s", to_yaml(cfg))
+        log.info("schedule: %s", resolved.model.schedule.describe())
+        if resolved.pipeline_layout:
+            log.info("pipeline layout: %s", resolved.pipeline_layout)
+
+    chunks, tcfg = build_chunks(cfg, resolved.model, resolved.pipeline_layout, device)
+    resume_dir = ckpt.latest(ckpt_root) if cfg.checkpoint.auto_resume else None
+    start_step, consumed = 0, 0
+    if resume_dir is not None:
+        state = ckpt.read_state(resume_dir)
+        start_step, consumed = state.step, state.consumed_train_samples
+    elif cfg.checkpoint.load_pretrained:
+        ckpt.load_model_only(Path(cfg.checkpoint.load_pretrained), chunks)
+
+    total = cfg.total_steps
+    if start_step >= total:
+        log.info("run already complete (%d/%d steps)", start_step, total)
+        return {}
+    pos = position(cfg, start_step)
+    wrapped = wrap_stage(cfg, chunks, tcfg, pos.stage)
+    if resume_dir is not None:
+        # The checkpoint was saved by the stage it belongs to; load with that stage's optimizer.
+        ckpt.load(resume_dir, [c.module for c in wrapped.ddp_chunks], wrapped.optimizer)
+        log.info("resumed from %s (step %d, %d samples)", resume_dir, start_step, consumed)
+
+    dp_rank = ps.get_data_parallel_rank()
+    train_iter, valid_ds = _data(cfg, resolved, consumed, dp_rank)
+    runner = StepRunner(resolved.model.schedule, cfg.model.seq_length, cfg.optim.micro_batch_size, device)
+    peak = cfg.logging.peak_tflops or (device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    meter = Throughput(ranks.world_size, peak)
+    is_logging_rank = ranks.rank == 0
+    logger = make_logger(cfg.logging.wandb_mode, cfg.logging.wandb_project, out_dir.name,
+                         dataclasses.asdict(cfg), str(out_dir), is_logging_rank)
+    stop = _Stop()
+    stop.install()
+    metrics: dict[str, float] = {}
+    steps_this_process = 0
+    step = start_step
+    while step < total:
+        pos = position(cfg, step)
+        if step > start_step and pos.step_in_stage == 0:
+            wrapped = switch_stage(cfg, wrapped, tcfg, pos.stage)
+            log.info("stage switch at step %d -> %s (trainable: %s, attention: %s)",
+                     step, pos.stage.name, pos.stage.trainable, pos.stage.attention)
+        metrics = _train_step(cfg, resolved, wrapped, runner, train_iter, pos, step, meter, device)
+        step += 1
+        steps_this_process += 1
+        consumed += cfg.optim.global_batch_size
+        if is_logging_rank and (step % cfg.logging.log_interval == 0 or step == total):
+            log.info(step_line(step, total, pos.stage.name, metrics, meter.eta_s(total - step)))
+        logger.log(metrics, step)
+        if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and step < total:
+            metrics.update(_evaluate(cfg, resolved, wrapped, runner, valid_ds, pos, device, is_logging_rank))
+        reason = _save_reason(cfg, pos, step, total, stop, device, steps_this_process)
+        if reason:
+            state = ckpt.TrainerState(step, pos.index, consumed, reason)
+            d = ckpt.save(ckpt_root, [c.module for c in wrapped.ddp_chunks], wrapped.optimizer, state, _files(cfg, resolved))
+            stage_ends = {ckpt.step_dir(ckpt_root, s).name for s in _stage_end_steps(cfg)}
+            ckpt.apply_retention(ckpt_root, cfg.checkpoint.keep_last, stage_ends)
+            if is_logging_rank:
+                log.info("saved %s (%s)", d, reason)
+            if reason in ("signal", "exit_after_steps"):
+                break
+    if step == total:
+        metrics.update(_evaluate(cfg, resolved, wrapped, runner, valid_ds, position(cfg, total - 1), device, is_logging_rank))
+        if is_logging_rank:
+            log.info("final eval | " + " | ".join(f"{k} {v:.5g}" for k, v in sorted(metrics.items()) if k.startswith("eval/")))
+    logger.log(metrics, step)
+    logger.finish()
+    return metrics
+
+
+def _stage_end_steps(cfg: TrainConfig) -> list[int]:
+    out, s = [], 0
+    for st in cfg.recipe.stages:
+        s += st.steps
+        out.append(s)
+    return out
+
+
+def _save_reason(cfg, pos, step, total, stop: _Stop, device, steps_this_process) -> str | None:
+    if stop.agreed(device):
+        return "signal"
+    if step == total:
+        return "final"
+    if pos.is_last_step_of_stage:
+        return "stage_end"
+    if cfg.checkpoint.exit_after_steps and steps_this_process >= cfg.checkpoint.exit_after_steps:
+        return "exit_after_steps"
+    if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+        return "interval"
+    return None
+
+
+def _train_step(cfg, resolved, wrapped: Wrapped, runner: StepRunner, train_iter: Iterator, pos, step, meter, device):
+    stage = pos.stage
+    lr = apply_lr(wrapped.optimizer, stage, pos.step_in_stage, cfg.optim.weight_decay)
+    for c in wrapped.ddp_chunks:
+        c.zero_grad_buffer()
+    wrapped.optimizer.zero_grad()
+    frozen = stage.trainable == "indexers"
+    result = runner.run(
+        wrapped.ddp_chunks, train_iter, resolved.num_microbatches, attention=stage.attention,
+        distill=distill_settings(cfg), frozen_trunk=frozen, forward_only=False,
+    )
+    ok, grad_norm, _ = wrapped.optimizer.step()
+    if not math.isfinite(result.lm_loss) and not frozen:
+        raise FloatingPointError(f"non-finite LM loss at step {step + 1}: {result.lm_loss}")
+    tokens = cfg.optim.global_batch_size * cfg.model.seq_length
+    flops = step_flops(resolved.model, cfg.model.seq_length, tokens, stage.attention, not frozen, cfg.distill.mode)
+    per_full = multi_loss_by_full_layer(result.kl, resolved.model.schedule, distill_settings(cfg))
+    metrics = {
+        "loss/lm": result.lm_loss,
+        # Averaged over Full layers only (a known upstream bug divides by all layers).
+        "loss/indexer": sum(per_full.values()) / len(per_full) if per_full else float("nan"),
+        "optim/lr": lr,
+        "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "optim/update_ok": float(bool(ok)),
+        "memory/gib": memory_gib(device),
+        "flops/total": flops.total,
+        **meter.tick(tokens, flops.total),
+    }
+    metrics.update({f"indexcache/l_multi/layer{k}": v for k, v in per_full.items()})
+    metrics.update({f"indexcache/kl/{a}->{b}": v for (a, b), v in result.kl.items()})
+    return metrics
+
+
+def _evaluate(cfg, resolved, wrapped: Wrapped, runner: StepRunner, valid_ds, pos, device, is_logging_rank) -> dict[str, float]:
+    """Held-out LM loss and KL terms with the current stage's attention (no graphs)."""
+    if valid_ds is None:
+        return {}
+    from indexcache_train.data import build_dataloader
+
+    loader = iter(build_dataloader(valid_ds, cfg.optim.micro_batch_size, 0,
+                                   data_parallel_rank=ps.get_data_parallel_rank(),
+                                   data_parallel_size=resolved.data_parallel_size, num_workers=0))
+    for c in wrapped.ddp_chunks:
+        c.eval()
+    lm, kl, n = 0.0, {}, 0
+    with torch.no_grad():
+        for _ in range(cfg.logging.eval_iters):
+            r = runner.run(wrapped.ddp_chunks, loader, resolved.num_microbatches, attention=pos.stage.attention,
+                           distill=distill_settings(cfg, training=False), frozen_trunk=False, forward_only=True)
+            lm += r.lm_loss
+            n += 1
+            for k, v in r.kl.items():
+                kl[k] = kl.get(k, 0.0) + v / cfg.logging.eval_iters
+    for c in wrapped.ddp_chunks:
+        c.train()
+    out = {"eval/lm_loss": lm / max(n, 1)}
+    per_full = multi_loss_by_full_layer(kl, resolved.model.schedule, distill_settings(cfg))
+    if per_full:
+        out["eval/indexer_loss"] = sum(per_full.values()) / len(per_full)
+    shared = {k: v for k, v in kl.items() if k[0] != k[1]}
+    if shared:
+        out["eval/shared_kl"] = sum(shared.values()) / len(shared)
+    return out
