@@ -114,12 +114,33 @@ def load(d: Path, chunks: list, optimizer: Any | None) -> TrainerState:
     """Load model (and optimizer, if given) in place; returns the trainer state."""
     from megatron.core import dist_checkpointing
 
+    from indexcache_train.training.model_setup import init_optimizer_state
+
+    if optimizer is not None:
+        init_optimizer_state(optimizer)  # a fresh optimizer has no state to load into yet
     loaded = dist_checkpointing.load(_sharded(chunks, optimizer, is_loading=True), str(d))
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     return read_state(d)
+
+
+def _restore_adam_steps(optimizer: Any) -> None:
+    """Megatron 0.19.2 restores the common ``step`` into the param groups, but its
+    ``dp_reshardable`` parameter-state load then copies the per-parameter ``step`` tensor of the
+    freshly initialised state back over it (0), so Adam's bias correction would restart. Re-apply
+    the checkpoint's step (exact resume depends on it)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        steps = {g["step"] for g in inner.param_groups if "step" in g}
+        if len(steps) != 1:
+            continue
+        step = float(steps.pop())
+        for st in inner.state.values():
+            if "step" in st:
+                st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 @torch.no_grad()

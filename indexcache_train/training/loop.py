@@ -112,8 +112,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     if start_step >= total:
         log.info("run already complete (%d/%d steps)", start_step, total)
         return {}
-    pos = position(cfg, start_step)
-    wrapped = wrap_stage(cfg, chunks, tcfg, pos.stage)
+    # Wrap for the stage whose optimizer wrote the checkpoint (a stage-end checkpoint belongs to
+    # the stage that just finished); the loop switches stages when the next step needs it.
+    wrap_index = position(cfg, max(start_step - 1, 0)).index
+    wrapped = wrap_stage(cfg, chunks, tcfg, cfg.recipe.stages[wrap_index])
     if resume_dir is not None:
         # The checkpoint was saved by the stage it belongs to; load with that stage's optimizer.
         ckpt.load(resume_dir, [c.module for c in wrapped.ddp_chunks], wrapped.optimizer)
@@ -134,8 +136,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     step = start_step
     while step < total:
         pos = position(cfg, step)
-        if step > start_step and pos.step_in_stage == 0:
+        if pos.index != wrap_index:
             wrapped = switch_stage(cfg, wrapped, tcfg, pos.stage)
+            wrap_index = pos.index
             log.info("stage switch at step %d -> %s (trainable: %s, attention: %s)",
                      step, pos.stage.name, pos.stage.trainable, pos.stage.attention)
         metrics = _train_step(cfg, resolved, wrapped, runner, train_iter, pos, step, meter, device)
@@ -144,6 +147,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         consumed += cfg.optim.global_batch_size
         if is_logging_rank and (step % cfg.logging.log_interval == 0 or step == total):
             log.info(step_line(step, total, pos.stage.name, metrics, meter.eta_s(total - step)))
+        if is_logging_rank:
+            with open(out_dir / "metrics.jsonl", "a") as f:  # every step; golden curves and resume checks
+                f.write(json.dumps({"step": step, "stage": pos.stage.name, **metrics}) + "\n")
         logger.log(metrics, step)
         if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and step < total:
             metrics.update(_evaluate(cfg, resolved, wrapped, runner, valid_ds, pos, device, is_logging_rank))
@@ -155,7 +161,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             ckpt.apply_retention(ckpt_root, cfg.checkpoint.keep_last, stage_ends)
             if is_logging_rank:
                 log.info("saved %s (%s)", d, reason)
-            if reason in ("signal", "exit_after_steps"):
+            if reason == "signal" or _exit_requested(cfg, steps_this_process):
                 break
     if step == total:
         metrics.update(_evaluate(cfg, resolved, wrapped, runner, valid_ds, position(cfg, total - 1), device, is_logging_rank))
@@ -174,6 +180,11 @@ def _stage_end_steps(cfg: TrainConfig) -> list[int]:
     return out
 
 
+def _exit_requested(cfg: TrainConfig, steps_this_process: int) -> bool:
+    n = cfg.checkpoint.exit_after_steps
+    return bool(n) and steps_this_process >= n
+
+
 def _save_reason(cfg, pos, step, total, stop: _Stop, device, steps_this_process) -> str | None:
     if stop.agreed(device):
         return "signal"
@@ -181,7 +192,7 @@ def _save_reason(cfg, pos, step, total, stop: _Stop, device, steps_this_process)
         return "final"
     if pos.is_last_step_of_stage:
         return "stage_end"
-    if cfg.checkpoint.exit_after_steps and steps_this_process >= cfg.checkpoint.exit_after_steps:
+    if _exit_requested(cfg, steps_this_process):
         return "exit_after_steps"
     if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
         return "interval"

@@ -201,6 +201,21 @@ def export_optimizer_state(wrapped: Wrapped, names: list[str]) -> dict[str, dict
     return out
 
 
+@torch.no_grad()
+def init_optimizer_state(optimizer, step: float = 0.0) -> None:
+    """Materialise Adam state (zero moments, ``step``) for every parameter.
+
+    torch optimizers create state lazily at the first step, but Megatron 0.19.2's
+    ``DistributedOptimizer.state_dict`` (called to build a sharded state dict, also for loading)
+    asserts that every parameter has a ``step``.
+    """
+    for opt in _dist_optimizers(optimizer):
+        opt.init_state_fn(opt.optimizer, opt.config)
+        for group in opt.optimizer.param_groups:
+            for main in group["params"]:
+                opt.optimizer.state[main]["step"] = torch.tensor(step, dtype=torch.float32)
+
+
 def _owned_anywhere(opt, p: torch.Tensor) -> bool:
     return any(p in gbuf[dtype][b]["param_map"] for gbuf in opt.gbuf_ranges for dtype in gbuf for b in range(len(gbuf[dtype])))
 
@@ -220,11 +235,8 @@ def import_optimizer_state(wrapped: Wrapped, state: dict[str, dict[str, torch.Te
     step = max(float(s["step"]) for s in state.values())
     params = {n: p for c in unwrap(wrapped) for n, p in c.named_parameters()}
     loaded = 0
+    init_optimizer_state(wrapped.optimizer, step)
     for opt in _dist_optimizers(wrapped.optimizer):
-        opt.init_state_fn(opt.optimizer, opt.config)  # zero moments for every parameter
-        for group in opt.optimizer.param_groups:
-            for main in group["params"]:
-                opt.optimizer.state[main]["step"] = torch.tensor(step, dtype=torch.float32)
         for name, full in state.items():
             p = params.get(name)
             if p is None or p not in opt.model_param_group_index_map:
