@@ -81,7 +81,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     """Train; returns the last step's metrics (rank 0; other ranks the same values)."""
     ranks = runtime.discover_ranks()
     _setup_logging(ranks.rank)
-    resolved = validate(cfg, ranks.world_size)
+    world = cfg.run.world_size if cfg.run.dry_run and cfg.run.world_size else ranks.world_size
+    resolved = validate(cfg, world)
     if cfg.run.dry_run:
         from indexcache_train.training.dry_run import dry_run
 

@@ -43,7 +43,9 @@ def parallel_settings(cfg: TrainConfig, layout: str | None, device: torch.device
         pipeline_model_parallel_layout=layout,
         params_dtype=torch.bfloat16 if o.bf16 else torch.float32,
         bf16=o.bf16,
-        use_cpu_initialization=device.type == "cpu",
+        use_cpu_initialization=device.type in ("cpu", "meta"),
+        # The dry run builds on the meta device: there is nothing to initialise.
+        perform_initialization=device.type != "meta",
         recompute_granularity=p.recompute_granularity,
         recompute_method=p.recompute_method,
         recompute_num_layers=p.recompute_num_layers,
