@@ -45,7 +45,6 @@ CPU support is a test/development mode: nothing here changes numerics.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -54,14 +53,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
-    "apply",
-    "applied_fixes",
-    "distributed_backend",
-    "model_parallel_seed",
     "DuplicatedLinear",
-    "RMSNorm",
     "LayerNorm",
+    "RMSNorm",
+    "applied_fixes",
+    "apply",
+    "distributed_backend",
     "has_cuda",
+    "model_parallel_seed",
 ]
 
 _APPLIED: list[str] = []
@@ -261,12 +260,20 @@ class DuplicatedLinear(torch.nn.Module):
     ) -> None:
         super().__init__()
         dtype = params_dtype or getattr(config, "params_dtype", torch.float32)
-        device = "cpu" if getattr(config, "use_cpu_initialization", True) else torch.cuda.current_device()
-        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=dtype, device=device))
+        device = (
+            "cpu"
+            if getattr(config, "use_cpu_initialization", True)
+            else torch.cuda.current_device()
+        )
+        self.weight = torch.nn.Parameter(
+            torch.empty(output_size, input_size, dtype=dtype, device=device)
+        )
         if init_method is not None and getattr(config, "perform_initialization", True):
             init_method(self.weight)
         self.bias = (
-            torch.nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device)) if bias else None
+            torch.nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device))
+            if bias
+            else None
         )
         self.skip_bias_add = skip_bias_add
         for p in self.parameters():

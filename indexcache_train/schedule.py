@@ -215,11 +215,19 @@ class IndexCacheSchedule:
 
     @classmethod
     def all_full(
-        cls, num_layers: int, num_mtp_layers: int = 0, *, index_share_for_mtp_iteration: bool = False
+        cls,
+        num_layers: int,
+        num_mtp_layers: int = 0,
+        *,
+        index_share_for_mtp_iteration: bool = False,
     ) -> IndexCacheSchedule:
         """Plain DSA: every layer (MTP included) runs its own indexer."""
         return cls.from_freq_offset(
-            num_layers, 1, 1, num_mtp_layers, index_share_for_mtp_iteration=index_share_for_mtp_iteration
+            num_layers,
+            1,
+            1,
+            num_mtp_layers,
+            index_share_for_mtp_iteration=index_share_for_mtp_iteration,
         )
 
     @classmethod
@@ -239,9 +247,7 @@ class IndexCacheSchedule:
         if num_mtp_layers is None:
             num_mtp_layers = int(config.get("num_nextn_predict_layers") or 0)  # type: ignore[arg-type]
         share_mtp = bool(config.get("index_share_for_mtp_iteration", False))
-        return _resolve(
-            config, n, num_mtp_layers, HF_DEFAULT_OFFSET, share_mtp, source="HF config"
-        )
+        return _resolve(config, n, num_mtp_layers, HF_DEFAULT_OFFSET, share_mtp, source="HF config")
 
     @classmethod
     def from_megatron(
@@ -256,7 +262,11 @@ class IndexCacheSchedule:
         Megatron clamps the offset to at least 1 (``is_dsa_skip_topk_layer``); we do the same.
         """
         freq = 1 if dsa_indexer_topk_freq is None else dsa_indexer_topk_freq
-        offset = MEGATRON_DEFAULT_OFFSET if dsa_indexer_skip_topk_offset is None else dsa_indexer_skip_topk_offset
+        offset = (
+            MEGATRON_DEFAULT_OFFSET
+            if dsa_indexer_skip_topk_offset is None
+            else dsa_indexer_skip_topk_offset
+        )
         _check_int("dsa_indexer_skip_topk_offset", offset, minimum=0)
         return cls.from_freq_offset(num_layers, freq, max(offset, 1), num_mtp_layers)
 
@@ -363,9 +373,8 @@ class IndexCacheSchedule:
             else "custom pattern"
         )
         mtp = "".join(_TYPE_TO_CHAR[t] for t in self.mtp_indexer_types)
-        return (
-            f"{kind}: {n_full}/{self.num_layers} trunk layers Full, pattern {self.pattern}"
-            + (f" + MTP {mtp}" if mtp else "")
+        return f"{kind}: {n_full}/{self.num_layers} trunk layers Full, pattern {self.pattern}" + (
+            f" + MTP {mtp}" if mtp else ""
         )
 
     def _check_index(self, index: int) -> int:
@@ -434,22 +443,37 @@ def _resolve(
                     )
                 offset = default_offset
             periodic = IndexCacheSchedule.from_freq_offset(
-                n, freq, offset, num_mtp, index_share_for_mtp_iteration=share_mtp  # type: ignore[arg-type]
+                n,
+                freq,
+                offset,
+                num_mtp,
+                index_share_for_mtp_iteration=share_mtp,  # type: ignore[arg-type]
             )
     from_pattern = (
-        IndexCacheSchedule.from_pattern(pattern, n, num_mtp, index_share_for_mtp_iteration=share_mtp)
+        IndexCacheSchedule.from_pattern(
+            pattern, n, num_mtp, index_share_for_mtp_iteration=share_mtp
+        )
         if pattern is not None
         else None
     )
     if types is not None:
         chosen = IndexCacheSchedule.from_indexer_types(
-            types, n, num_mtp, index_share_for_mtp_iteration=share_mtp  # type: ignore[arg-type]
+            types,
+            n,
+            num_mtp,
+            index_share_for_mtp_iteration=share_mtp,  # type: ignore[arg-type]
         )
         _agree(chosen, from_pattern, "indexer_types", "index_topk_pattern", source)
         _agree(chosen, periodic, "indexer_types", "index_topk_freq/index_skip_topk_offset", source)
         return _mtp_from_rule(chosen, periodic, len(types) == n)  # type: ignore[arg-type]
     if from_pattern is not None:
-        _agree(from_pattern, periodic, "index_topk_pattern", "index_topk_freq/index_skip_topk_offset", source)
+        _agree(
+            from_pattern,
+            periodic,
+            "index_topk_pattern",
+            "index_topk_freq/index_skip_topk_offset",
+            source,
+        )
         return _mtp_from_rule(from_pattern, periodic, len(pattern) == n)  # type: ignore[arg-type]
     if periodic is not None:
         return periodic

@@ -24,7 +24,9 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, TrainConfig):
-        raise TypeError(f"composed config is {type(obj).__name__}, expected TrainConfig (schema not applied?)")
+        raise TypeError(
+            f"composed config is {type(obj).__name__}, expected TrainConfig (schema not applied?)"
+        )
     return obj
 
 

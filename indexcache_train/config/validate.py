@@ -38,26 +38,42 @@ def _require(cond: bool, msg: str) -> None:
 
 def check_parallel(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     p = cfg.parallel
-    tp, pp, cp, ep = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                      p.context_parallel_size, p.expert_model_parallel_size)
-    for name, v in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-                    ("context_parallel_size", cp), ("expert_model_parallel_size", ep)):
+    tp, pp, cp, ep = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+        p.expert_model_parallel_size,
+    )
+    for name, v in (
+        ("tensor_model_parallel_size", tp),
+        ("pipeline_model_parallel_size", pp),
+        ("context_parallel_size", cp),
+        ("expert_model_parallel_size", ep),
+    ):
         _require(v >= 1, f"parallel.{name}={v} must be >= 1")
-    _require(world_size % (tp * pp * cp) == 0,
-             f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}; change the "
-             "parallel sizes or the number of processes")
+    _require(
+        world_size % (tp * pp * cp) == 0,
+        f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}; change the "
+        "parallel sizes or the number of processes",
+    )
     dp = world_size // (tp * pp * cp)
-    _require((dp * cp) % ep == 0,
-             f"parallel.expert_model_parallel_size={ep} must divide dp*cp = {dp}*{cp} "
-             f"(world {world_size} / (tp {tp} * pp {pp}))")
+    _require(
+        (dp * cp) % ep == 0,
+        f"parallel.expert_model_parallel_size={ep} must divide dp*cp = {dp}*{cp} "
+        f"(world {world_size} / (tp {tp} * pp {pp}))",
+    )
     if tp > 1:
-        _require(p.sequence_parallel,
-                 "tensor_model_parallel_size > 1 requires parallel.sequence_parallel=true (MoE "
-                 "with TP needs it, and it keeps replicated-norm gradients correct)")
+        _require(
+            p.sequence_parallel,
+            "tensor_model_parallel_size > 1 requires parallel.sequence_parallel=true (MoE "
+            "with TP needs it, and it keeps replicated-norm gradients correct)",
+        )
     o = cfg.optim
-    _require(o.global_batch_size % (o.micro_batch_size * dp) == 0,
-             f"optim.global_batch_size={o.global_batch_size} must be a multiple of "
-             f"micro_batch_size*dp = {o.micro_batch_size}*{dp}")
+    _require(
+        o.global_batch_size % (o.micro_batch_size * dp) == 0,
+        f"optim.global_batch_size={o.global_batch_size} must be a multiple of "
+        f"micro_batch_size*dp = {o.micro_batch_size}*{dp}",
+    )
     return dp, o.global_batch_size // (o.micro_batch_size * dp)
 
 
@@ -68,18 +84,29 @@ def check_recipe(cfg: TrainConfig) -> None:
     for i, s in enumerate(cfg.recipe.stages):
         where = f"recipe.stages[{i}] ({s.name})"
         _require(s.steps > 0, f"{where}.steps={s.steps} must be > 0")
-        _require(s.attention in ATTENTION, f"{where}.attention={s.attention!r}: use one of {ATTENTION}")
-        _require(s.trainable in TRAINABLE, f"{where}.trainable={s.trainable!r}: use one of {TRAINABLE}")
+        _require(
+            s.attention in ATTENTION, f"{where}.attention={s.attention!r}: use one of {ATTENTION}"
+        )
+        _require(
+            s.trainable in TRAINABLE, f"{where}.trainable={s.trainable!r}: use one of {TRAINABLE}"
+        )
         _require(s.lr >= 0 and s.min_lr >= 0, f"{where}: lr and min_lr must be >= 0")
         _require(0 <= s.warmup_steps <= s.steps, f"{where}.warmup_steps must be within [0, steps]")
         if s.trainable == "indexers":
-            _require(cfg.distill.mode != "none",
-                     f"{where} trains only indexers but distill.mode=none gives them no loss; "
-                     "use distill=multi or distill=own_layer")
-    _require(cfg.distill.mode in DISTILL_MODES, f"distill.mode={cfg.distill.mode!r}: use one of {DISTILL_MODES}")
+            _require(
+                cfg.distill.mode != "none",
+                f"{where} trains only indexers but distill.mode=none gives them no loss; "
+                "use distill=multi or distill=own_layer",
+            )
+    _require(
+        cfg.distill.mode in DISTILL_MODES,
+        f"distill.mode={cfg.distill.mode!r}: use one of {DISTILL_MODES}",
+    )
     if cfg.distill.weights is not None:
-        _require(all(w >= 0 for w in cfg.distill.weights) and sum(cfg.distill.weights) > 0,
-                 "distill.weights must be non-negative with a positive sum")
+        _require(
+            all(w >= 0 for w in cfg.distill.weights) and sum(cfg.distill.weights) > 0,
+            "distill.weights must be non-negative with a positive sum",
+        )
     _require(cfg.distill.chunk > 0, "distill.chunk must be > 0")
 
 
@@ -105,25 +132,37 @@ def resolve_model(cfg: TrainConfig) -> Any:
         except KeyError as e:
             raise ConfigError(str(e)) from None
     hf = {**hf, **dict(m.overrides)}
-    mtp = m.num_mtp_layers if m.num_mtp_layers is not None else int(hf.get("num_nextn_predict_layers") or 0)
+    mtp = (
+        m.num_mtp_layers
+        if m.num_mtp_layers is not None
+        else int(hf.get("num_nextn_predict_layers") or 0)
+    )
     ic = cfg.indexcache
     schedule = None
     try:
         if ic.any_set():
             schedule = IndexCacheSchedule.from_keys(
-                int(hf["num_hidden_layers"]), mtp,
-                index_topk_freq=ic.index_topk_freq, index_skip_topk_offset=ic.index_skip_topk_offset,
-                index_topk_pattern=ic.index_topk_pattern, indexer_types=ic.indexer_types,
+                int(hf["num_hidden_layers"]),
+                mtp,
+                index_topk_freq=ic.index_topk_freq,
+                index_skip_topk_offset=ic.index_skip_topk_offset,
+                index_topk_pattern=ic.index_topk_pattern,
+                indexer_types=ic.indexer_types,
                 index_share_for_mtp_iteration=bool(ic.index_share_for_mtp_iteration),
             )
         model = ModelConfig.from_hf_config(hf, schedule=schedule, num_mtp_layers=mtp)
     except (ScheduleError, ValueError) as e:
         raise ConfigError(f"model/indexcache config: {e}") from None
-    _require(m.kernel_backend in BACKENDS, f"model.kernel_backend={m.kernel_backend!r}: use one of {BACKENDS}")
+    _require(
+        m.kernel_backend in BACKENDS,
+        f"model.kernel_backend={m.kernel_backend!r}: use one of {BACKENDS}",
+    )
     _require(m.seq_length > 1, "model.seq_length must be > 1")
     cp = cfg.parallel.context_parallel_size
-    _require(m.seq_length % (2 * cp) == 0 or cp == 1,
-             f"model.seq_length={m.seq_length} must be divisible by 2*context_parallel_size={2 * cp}")
+    _require(
+        m.seq_length % (2 * cp) == 0 or cp == 1,
+        f"model.seq_length={m.seq_length} must be divisible by 2*context_parallel_size={2 * cp}",
+    )
     return model
 
 
@@ -131,10 +170,12 @@ def check_vocab(cfg: TrainConfig, model_vocab: int) -> None:
     from indexcache_train.data import load_tokenizer
 
     tok = load_tokenizer(cfg.data.tokenizer_path())
-    _require(tok.vocab_size <= model_vocab,
-             f"data tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model_vocab}; "
-             f"set model.overrides.vocab_size >= {tok.vocab_size} (e.g. a multiple of 64) or use "
-             "the model's own tokenizer")
+    _require(
+        tok.vocab_size <= model_vocab,
+        f"data tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model_vocab}; "
+        f"set model.overrides.vocab_size >= {tok.vocab_size} (e.g. a multiple of 64) or use "
+        "the model's own tokenizer",
+    )
 
 
 def validate(cfg: TrainConfig, world_size: int) -> Resolved:
@@ -148,8 +189,11 @@ def validate(cfg: TrainConfig, world_size: int) -> Resolved:
     p = cfg.parallel
     try:
         layout = resolve_pipeline_layout(
-            model.schedule, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
-            layout=p.pipeline_layout, first=p.num_layers_in_first_pipeline_stage,
+            model.schedule,
+            p.pipeline_model_parallel_size,
+            p.virtual_pipeline_model_parallel_size,
+            layout=p.pipeline_layout,
+            first=p.num_layers_in_first_pipeline_stage,
             last=p.num_layers_in_last_pipeline_stage,
             costs=LayerCosts(first_k_dense_replace=model.first_k_dense_replace),
         )

@@ -19,15 +19,43 @@ FAMILIES = ("glm_moe_dsa", "deepseek_v32")
 
 # Fields HF writes that carry no model semantics for training.
 _IGNORED = {
-    "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache", "return_dict",
-    "output_hidden_states", "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder",
-    "id2label", "label2id", "problem_type", "_name_or_path", "bos_token_id", "eos_token_id",
-    "pad_token_id", "keys_to_ignore_at_inference", "ep_size", "quantization_config",
-    "auto_map", "tokenizer_class", "_attn_implementation_autoset", "pretraining_tp",
-    "num_key_value_heads", "head_dim", "qk_head_dim", "layer_types", "mlp_layer_types",
-    "rope_theta", "rope_scaling", "model_type",
+    "architectures",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "_name_or_path",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "keys_to_ignore_at_inference",
+    "ep_size",
+    "quantization_config",
+    "auto_map",
+    "tokenizer_class",
+    "_attn_implementation_autoset",
+    "pretraining_tp",
+    "num_key_value_heads",
+    "head_dim",
+    "qk_head_dim",
+    "layer_types",
+    "mlp_layer_types",
+    "rope_theta",
+    "rope_scaling",
+    "model_type",
     # IndexCache schedule keys are read by IndexCacheSchedule.from_hf_config.
-    "index_topk_freq", "index_skip_topk_offset", "index_topk_pattern", "indexer_types",
+    "index_topk_freq",
+    "index_skip_topk_offset",
+    "index_topk_pattern",
+    "indexer_types",
     "index_share_for_mtp_iteration",
 }
 # Fields that must hold exactly the value we implement (value, why).
@@ -191,8 +219,9 @@ class ModelConfig:
                 f"expected one of {FAMILIES}"
             )
         unknown = sorted(
-            k for k in hf if k not in _IGNORED and k not in _FIXED and k not in _FIELD_NAMES
-            and k not in _HF_ONLY
+            k
+            for k in hf
+            if k not in _IGNORED and k not in _FIXED and k not in _FIELD_NAMES and k not in _HF_ONLY
         )
         if unknown:
             raise ValueError(
@@ -209,7 +238,11 @@ class ModelConfig:
         if hf.get("q_lora_rank") is None:
             raise ValueError("q_lora_rank=None (no q LoRA) is unsupported: DSA indexers read q_a")
         n = int(hf["num_hidden_layers"])
-        mtp = int(hf.get("num_nextn_predict_layers") or 0) if num_mtp_layers is None else num_mtp_layers
+        mtp = (
+            int(hf.get("num_nextn_predict_layers") or 0)
+            if num_mtp_layers is None
+            else num_mtp_layers
+        )
         _check_layer_types(hf, n)
         if schedule is None:
             try:
@@ -245,7 +278,9 @@ class ModelConfig:
         out["norm_topk_prob"] = True
         out["attention_bias"] = False
         n_dense = min(self.first_k_dense_replace, self.num_hidden_layers)
-        out["mlp_layer_types"] = ["dense"] * n_dense + ["sparse"] * (self.num_hidden_layers - n_dense)
+        out["mlp_layer_types"] = ["dense"] * n_dense + ["sparse"] * (
+            self.num_hidden_layers - n_dense
+        )
         out.update(self.schedule.to_hf_config())
         if self.family == "deepseek_v32":
             # transformers 5.17's DeepseekV32Config has no indexer_types (all layers Full there).
@@ -255,19 +290,40 @@ class ModelConfig:
 
 _FIELD_NAMES = {f.name for f in fields(ModelConfig)}
 # HF-only keys we read into other fields.
-_HF_ONLY = {"rope_parameters", "rope_interleave", "indexer_rope_interleave", "num_nextn_predict_layers"}
+_HF_ONLY = {
+    "rope_parameters",
+    "rope_interleave",
+    "indexer_rope_interleave",
+    "num_nextn_predict_layers",
+}
 
 _COMMON_DEFAULTS: dict[str, Any] = {
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "initializer_range": 0.02,
-    "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.5, "n_shared_experts": 1,
-    "first_k_dense_replace": 3, "index_topk": 2048, "index_head_dim": 128,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 2.5,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 3,
+    "index_topk": 2048,
+    "index_head_dim": 128,
 }
 _HF_DEFAULTS = {
     # transformers 5.17 GlmMoeDsaConfig / DeepseekV32Config defaults for fields a config may omit.
-    "glm_moe_dsa": {**_COMMON_DEFAULTS, "rms_norm_eps": 1e-5, "index_n_heads": 32,
-                    "max_position_embeddings": 202752},
-    "deepseek_v32": {**_COMMON_DEFAULTS, "n_group": 8, "topk_group": 4, "index_n_heads": 64,
-                     "max_position_embeddings": 163840},
+    "glm_moe_dsa": {
+        **_COMMON_DEFAULTS,
+        "rms_norm_eps": 1e-5,
+        "index_n_heads": 32,
+        "max_position_embeddings": 202752,
+    },
+    "deepseek_v32": {
+        **_COMMON_DEFAULTS,
+        "n_group": 8,
+        "topk_group": 4,
+        "index_n_heads": 64,
+        "max_position_embeddings": 163840,
+    },
 }
 
 
@@ -286,7 +342,9 @@ def _read_rope(hf: Mapping[str, Any]) -> RopeConfig:
     extra = sorted(set(params) - known)
     if extra:
         raise ValueError(f"rope_parameters key(s) {extra} unsupported")
-    if kind == "yarn" and (params.get("factor") is None or params.get("original_max_position_embeddings") is None):
+    if kind == "yarn" and (
+        params.get("factor") is None or params.get("original_max_position_embeddings") is None
+    ):
         raise ValueError("yarn rope needs 'factor' and 'original_max_position_embeddings'")
     return RopeConfig(**params)
 

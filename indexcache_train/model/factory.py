@@ -42,7 +42,9 @@ class ParallelSettings:
     calculate_per_token_loss: bool = False
 
 
-def transformer_config(cfg: ModelConfig, par: ParallelSettings = ParallelSettings()) -> TransformerConfig:
+def transformer_config(
+    cfg: ModelConfig, par: ParallelSettings = ParallelSettings()
+) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for the generic parts (MLP, MoE, MTP, parallelism)."""
     n, k = cfg.num_layers, cfg.first_k_dense_replace
     grouped = cfg.n_group > 1

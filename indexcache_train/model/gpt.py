@@ -27,7 +27,11 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from indexcache_train.model.forward_state import DSAForwardState
-from indexcache_train.model.layers import DSAMultiTokenPredictionBlock, DSATransformerBlock, check_supported
+from indexcache_train.model.layers import (
+    DSAMultiTokenPredictionBlock,
+    DSATransformerBlock,
+    check_supported,
+)
 
 
 class IndexCacheGPTModel(GPTModel):
@@ -129,7 +133,9 @@ class IndexCacheGPTModel(GPTModel):
         """Logits ``[B, S, V]`` (no labels) or per-token LM loss ``[B, S]`` (last stage); hidden
         states on other pipeline stages. ``dsa_state`` carries positions, key ranges and top-k."""
         if unsupported:
-            raise ValueError(f"IndexCacheGPTModel.forward: unsupported argument(s) {sorted(unsupported)}")
+            raise ValueError(
+                f"IndexCacheGPTModel.forward: unsupported argument(s) {sorted(unsupported)}"
+            )
         stage_input = None if self.pre_process else self.decoder.input_tensor
         output = super().forward(
             input_ids,

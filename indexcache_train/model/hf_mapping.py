@@ -42,9 +42,17 @@ _LAYER_RULES: tuple[_Rule, ...] = (
     _Rule(_ATTN + "kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",)),
     _Rule(_ATTN + "linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",)),
     _Rule(_ATTN + "linear_proj.weight", ("self_attn.o_proj.weight",)),
-    _Rule(_ATTN + "core_attention.indexer.linear_wq_b.weight", ("self_attn.indexer.wq_b.weight",), "full"),
-    _Rule(_ATTN + "core_attention.indexer.linear_wk.weight", ("self_attn.indexer.wk.weight",), "full"),
-    _Rule(_ATTN + "core_attention.indexer.k_norm.weight", ("self_attn.indexer.k_norm.weight",), "full"),
+    _Rule(
+        _ATTN + "core_attention.indexer.linear_wq_b.weight",
+        ("self_attn.indexer.wq_b.weight",),
+        "full",
+    ),
+    _Rule(
+        _ATTN + "core_attention.indexer.linear_wk.weight", ("self_attn.indexer.wk.weight",), "full"
+    ),
+    _Rule(
+        _ATTN + "core_attention.indexer.k_norm.weight", ("self_attn.indexer.k_norm.weight",), "full"
+    ),
     _Rule(_ATTN + "core_attention.indexer.k_norm.bias", ("self_attn.indexer.k_norm.bias",), "full"),
     _Rule(
         _ATTN + "core_attention.indexer.linear_weights_proj.weight",
@@ -62,7 +70,12 @@ _LAYER_RULES: tuple[_Rule, ...] = (
         "moe",
         per_expert=True,
     ),
-    _Rule("mlp.experts.local_experts.{e}.linear_fc2.weight", ("mlp.experts.{e}.down_proj.weight",), "moe", per_expert=True),
+    _Rule(
+        "mlp.experts.local_experts.{e}.linear_fc2.weight",
+        ("mlp.experts.{e}.down_proj.weight",),
+        "moe",
+        per_expert=True,
+    ),
     _Rule(
         "mlp.shared_experts.linear_fc1.weight",
         ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"),
@@ -104,13 +117,15 @@ def _applies(rule: _Rule, cfg: ModelConfig, layer: int) -> bool:
     return True
 
 
-def _layer_mappings(cfg: ModelConfig, layer: int, mg_prefix: str, hf_prefix: str) -> Iterator[TensorMapping]:
+def _layer_mappings(
+    cfg: ModelConfig, layer: int, mg_prefix: str, hf_prefix: str
+) -> Iterator[TensorMapping]:
     for rule in _LAYER_RULES:
         if not _applies(rule, cfg, layer):
             continue
         experts = range(cfg.n_routed_experts) if rule.per_expert else [None]
         for e in experts:
-            fmt = (lambda s: s.format(e=e)) if e is not None else (lambda s: s)
+            fmt = (lambda s, e=e: s.format(e=e)) if e is not None else (lambda s: s)
             yield TensorMapping(
                 mg_prefix + fmt(rule.megatron), tuple(hf_prefix + fmt(h) for h in rule.hf), layer
             )
@@ -159,7 +174,7 @@ def _local_name_map(model: torch.nn.Module) -> dict[str, str]:
     for local_name in names:
         name = local_name
         if decoder is not None and local_name.startswith("decoder.layers."):
-            j, rest = local_name[len("decoder.layers."):].split(".", 1)
+            j, rest = local_name[len("decoder.layers.") :].split(".", 1)
             name = f"decoder.layers.{decoder.layers[int(j)].layer_number - 1}.{rest}"
         out[name] = local_name
     return out
@@ -175,7 +190,9 @@ def _check_single_shard(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def load_hf_state_dict(model: torch.nn.Module, cfg: ModelConfig, hf: Mapping[str, torch.Tensor]) -> None:
+def load_hf_state_dict(
+    model: torch.nn.Module, cfg: ModelConfig, hf: Mapping[str, torch.Tensor]
+) -> None:
     """Copy HF tensors into this (TP=1) pipeline stage; every tensor of the stage must be present."""
     _check_single_shard(model)
     local = _local_name_map(model)
@@ -183,7 +200,9 @@ def load_hf_state_dict(model: torch.nn.Module, cfg: ModelConfig, hf: Mapping[str
     targets.update(dict(model.named_buffers()))
     missing = [h for m in mappings(cfg) if m.megatron in local for h in m.hf if h not in hf]
     if missing:
-        raise KeyError(f"HF state dict lacks {len(missing)} tensor(s) this model needs, e.g. {missing[:5]}")
+        raise KeyError(
+            f"HF state dict lacks {len(missing)} tensor(s) this model needs, e.g. {missing[:5]}"
+        )
     seen = set()
     for m in mappings(cfg):
         if m.megatron not in local:
@@ -191,7 +210,9 @@ def load_hf_state_dict(model: torch.nn.Module, cfg: ModelConfig, hf: Mapping[str
         dst = targets[local[m.megatron]]
         src = to_megatron_tensor(m, hf.__getitem__)
         if src.shape != dst.shape:
-            raise ValueError(f"{m.hf} -> {m.megatron}: shape {tuple(src.shape)} != {tuple(dst.shape)}")
+            raise ValueError(
+                f"{m.hf} -> {m.megatron}: shape {tuple(src.shape)} != {tuple(dst.shape)}"
+            )
         dst.copy_(src.to(dst.dtype))
         seen.add(local[m.megatron])
     unfilled = [n for n in dict(model.named_parameters()) if n not in seen]

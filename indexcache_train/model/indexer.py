@@ -33,23 +33,39 @@ class IndexerSubmodules:
 class LightningIndexer(MegatronModule):
     """Projects ``(x, q_resid)`` to indexer queries, keys and head weights."""
 
-    def __init__(self, config: TransformerConfig, submodules: IndexerSubmodules, dims: MLADims) -> None:
+    def __init__(
+        self, config: TransformerConfig, submodules: IndexerSubmodules, dims: MLADims
+    ) -> None:
         super().__init__(config=config)
         self.dims = dims
         n_i, d_i = dims.index_n_heads, dims.index_head_dim
-        linear = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False)
-        self.linear_wq_b = build_module(submodules.linear_wq_b, dims.q_lora_rank, n_i * d_i, **linear)
+        linear = dict(
+            config=config, init_method=config.init_method, bias=False, skip_bias_add=False
+        )
+        self.linear_wq_b = build_module(
+            submodules.linear_wq_b, dims.q_lora_rank, n_i * d_i, **linear
+        )
         self.linear_wk = build_module(submodules.linear_wk, dims.hidden_size, d_i, **linear)
-        self.k_norm = build_module(submodules.k_norm, config=config, hidden_size=d_i, eps=dims.index_k_norm_eps)
+        self.k_norm = build_module(
+            submodules.k_norm, config=config, hidden_size=d_i, eps=dims.index_k_norm_eps
+        )
         # HF keeps weights_proj in fp32 (``_keep_in_fp32_modules``): head weights multiply large
         # ReLU sums, and bf16 weights visibly perturb the top-k.
         self.linear_weights_proj = build_module(
-            submodules.linear_weights_proj, dims.hidden_size, n_i, params_dtype=torch.float32, **linear
+            submodules.linear_weights_proj,
+            dims.hidden_size,
+            n_i,
+            params_dtype=torch.float32,
+            **linear,
         )
         self.softmax_scale = d_i**-0.5
 
     def forward(
-        self, x_BSH: torch.Tensor, qr_BSR: torch.Tensor, cos_BSF: torch.Tensor, sin_BSF: torch.Tensor
+        self,
+        x_BSH: torch.Tensor,
+        qr_BSR: torch.Tensor,
+        cos_BSF: torch.Tensor,
+        sin_BSF: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``q_BSID``, ``k_BSD`` (RoPE applied to the first ``qk_rope`` dims) and ``w_BSI``.
 
@@ -62,7 +78,11 @@ class LightningIndexer(MegatronModule):
         k_BSD = self.k_norm(self.linear_wk(x_BSH)[0])
         r = dims.qk_rope_head_dim
         interleaved = dims.indexer_rope_interleave
-        q_BSID = torch.cat([apply_rope(q_BSID[..., :r], cos_BSF, sin_BSF, interleaved), q_BSID[..., r:]], -1)
-        k_BSD = torch.cat([apply_rope(k_BSD[..., :r], cos_BSF, sin_BSF, interleaved), k_BSD[..., r:]], -1)
+        q_BSID = torch.cat(
+            [apply_rope(q_BSID[..., :r], cos_BSF, sin_BSF, interleaved), q_BSID[..., r:]], -1
+        )
+        k_BSD = torch.cat(
+            [apply_rope(k_BSD[..., :r], cos_BSF, sin_BSF, interleaved), k_BSD[..., r:]], -1
+        )
         w_BSI = self.linear_weights_proj(x_BSH.to(self.linear_weights_proj.weight.dtype))[0]
         return q_BSID, k_BSD, w_BSI.float() * dims.index_n_heads**-0.5

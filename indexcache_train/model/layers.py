@@ -81,8 +81,12 @@ class DSATransformerLayer(TransformerLayer):
         context: Any = None,
         **_rotary: Any,  # rotary_pos_emb & co.: MLA computes its own RoPE from dsa_state positions
     ) -> tuple[torch.Tensor, None]:
-        _reject_unused("DSATransformerLayer", inference_context=inference_context,
-                       packed_seq_params=packed_seq_params, context=context)
+        _reject_unused(
+            "DSATransformerLayer",
+            inference_context=inference_context,
+            packed_seq_params=packed_seq_params,
+            context=context,
+        )
         residual = hidden_states
         normed = self.input_layernorm(hidden_states)
         attention_output_with_bias = self.self_attention(normed, dsa_state=dsa_state)
@@ -111,24 +115,37 @@ class DSATransformerBlock(TransformerBlock):
         extract_layer_indices: Any = None,
         **_rotary: Any,
     ) -> torch.Tensor:
-        _reject_unused("DSATransformerBlock", inference_context=inference_context,
-                       packed_seq_params=packed_seq_params, context=context)
+        _reject_unused(
+            "DSATransformerBlock",
+            inference_context=inference_context,
+            packed_seq_params=packed_seq_params,
+            context=context,
+        )
         if extract_layer_indices:
             raise ValueError("extract_layer_indices is not supported by DSATransformerBlock")
         if not self.pre_process:
             hidden_states = self.input_tensor  # set by the pipeline schedule (set_input_tensor)
         hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
-        rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if self.config.sequence_parallel
+            else nullcontext()
+        )
         with rng:
             recompute = (
-                self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+                self.config.recompute_granularity == "full"
+                and self.training
+                and torch.is_grad_enabled()
             )
             for start, end, checkpointed in self._chunks(recompute):
-                hidden_states = self._run_chunk(start, end, checkpointed, hidden_states,
-                                                attention_mask, padding_mask, dsa_state)
+                hidden_states = self._run_chunk(
+                    start, end, checkpointed, hidden_states, attention_mask, padding_mask, dsa_state
+                )
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
-            hidden_states = make_viewless_tensor(inp=hidden_states, requires_grad=True, keep_graph=True)
+            hidden_states = make_viewless_tensor(
+                inp=hidden_states, requires_grad=True, keep_graph=True
+            )
         if not self.pre_process and len(self.layers) == 0 and not self.final_layernorm:
             hidden_states = hidden_states.clone()  # an empty stage must not return its input node
         return hidden_states
@@ -142,10 +159,16 @@ class DSATransformerBlock(TransformerBlock):
             return [(s, min(s + k, n), True) for s in range(0, n, k)]
         if self.config.recompute_method == "block":
             return [(i, i + 1, i < k) for i in range(n)]
-        raise ValueError(f"recompute_method={self.config.recompute_method!r}; use 'uniform' or 'block'")
+        raise ValueError(
+            f"recompute_method={self.config.recompute_method!r}; use 'uniform' or 'block'"
+        )
 
-    def _run_chunk(self, start, end, checkpointed, hidden_states, attention_mask, padding_mask, state):
-        def run(h: torch.Tensor, mask: torch.Tensor | None, pad: torch.Tensor | None) -> torch.Tensor:
+    def _run_chunk(
+        self, start, end, checkpointed, hidden_states, attention_mask, padding_mask, state
+    ):
+        def run(
+            h: torch.Tensor, mask: torch.Tensor | None, pad: torch.Tensor | None
+        ) -> torch.Tensor:
             # The closure captures this micro-batch's state, so the recompute in backward sees
             # exactly the entries written during this forward.
             with state.phase_scope(checkpointed):
@@ -156,7 +179,11 @@ class DSATransformerBlock(TransformerBlock):
         if not checkpointed:
             return run(hidden_states, attention_mask, padding_mask)
         return tensor_parallel.checkpoint(
-            run, self.config.distribute_saved_activations, hidden_states, attention_mask, padding_mask
+            run,
+            self.config.distribute_saved_activations,
+            hidden_states,
+            attention_mask,
+            padding_mask,
         )
 
 
@@ -178,8 +205,12 @@ class DSAMultiTokenPredictionLayer(MultiTokenPredictionLayer):
         context: Any = None,
         **_rotary: Any,
     ):
-        _reject_unused("DSAMultiTokenPredictionLayer", packed_seq_params=packed_seq_params,
-                       inference_params=inference_params, context=context)
+        _reject_unused(
+            "DSAMultiTokenPredictionLayer",
+            packed_seq_params=packed_seq_params,
+            inference_params=inference_params,
+            context=context,
+        )
         input_ids, position_ids, padding_mask, decoder_input, hidden_states = self._get_embeddings(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -188,21 +219,36 @@ class DSAMultiTokenPredictionLayer(MultiTokenPredictionLayer):
             padding_mask=padding_mask,
         )
         checkpointed = (
-            self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+            self.config.recompute_granularity == "full"
+            and self.training
+            and torch.is_grad_enabled()
         )
 
-        def run(h: torch.Tensor, dec_in: torch.Tensor, mask: torch.Tensor | None, pad: torch.Tensor | None):
+        def run(
+            h: torch.Tensor,
+            dec_in: torch.Tensor,
+            mask: torch.Tensor | None,
+            pad: torch.Tensor | None,
+        ):
             with dsa_state.phase_scope(checkpointed):
                 h = self._concat_embeddings(h, dec_in)
                 h, _ = self.mtp_model_layer(h, mask, dsa_state=dsa_state, padding_mask=pad)
                 return self._postprocess(h)
 
-        rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if self.config.sequence_parallel
+            else nullcontext()
+        )
         with rng:
             if checkpointed:
                 hidden_states = tensor_parallel.checkpoint(
-                    run, self.config.distribute_saved_activations, hidden_states, decoder_input,
-                    attention_mask, padding_mask,
+                    run,
+                    self.config.distribute_saved_activations,
+                    hidden_states,
+                    decoder_input,
+                    attention_mask,
+                    padding_mask,
                 )
             else:
                 hidden_states = run(hidden_states, decoder_input, attention_mask, padding_mask)

@@ -15,16 +15,29 @@ from typing import Any
 from indexcache_train.model.toy_configs import TOY_SIZES, dsv32_toy_hf_config, glm5_toy_hf_config
 
 DSV32_YARN = {
-    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
-    "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 40.0,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
 }
 
 #: GLM-5-shaped bench model (issue #12): hidden 2048, 16 layers, 16 heads, GLM-5 MLA dims,
 #: indexer 32x128, k 2048, dense MLPs (MoE off so one GPU measures attention, not routing).
 BENCH_GLM5 = {
-    "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
-    "intermediate_size": 5632, "first_k_dense_replace": 16, "n_routed_experts": 8,
-    "moe_intermediate_size": 512, "vocab_size": 50304, "index_topk": 2048,
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "intermediate_size": 5632,
+    "first_k_dense_replace": 16,
+    "n_routed_experts": 8,
+    "moe_intermediate_size": 512,
+    "vocab_size": 50304,
+    "index_topk": 2048,
 }
 
 
@@ -56,7 +69,9 @@ PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
 
 def preset_hf_config(name: str) -> dict[str, Any]:
     if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or set model.hf_path")
+        raise KeyError(
+            f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or set model.hf_path"
+        )
     return PRESETS[name]()
 
 

@@ -19,15 +19,21 @@ import torch
 from indexcache_train.model.config import RopeConfig
 
 
-def inv_freq_and_scaling(rope: RopeConfig, dim: int, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+def inv_freq_and_scaling(
+    rope: RopeConfig, dim: int, max_position_embeddings: int
+) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[dim/2]`` and the cos/sin scaling (yarn ``attention_factor``)."""
     base = rope.rope_theta
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     if rope.rope_type == "default":
         return 1.0 / pos_freqs, 1.0
     # YaRN, following transformers 5.17 ``_compute_yarn_parameters`` line by line.
-    factor = rope.factor if rope.factor is not None else (
-        max_position_embeddings / rope.original_max_position_embeddings  # type: ignore[operator]
+    factor = (
+        rope.factor
+        if rope.factor is not None
+        else (
+            max_position_embeddings / rope.original_max_position_embeddings  # type: ignore[operator]
+        )
     )
 
     def get_mscale(scale: float, m: float = 1.0) -> float:
@@ -36,7 +42,9 @@ def inv_freq_and_scaling(rope: RopeConfig, dim: int, max_position_embeddings: in
     attention_factor = rope.attention_factor
     if attention_factor is None:
         if rope.mscale and rope.mscale_all_dim:
-            attention_factor = float(get_mscale(factor, rope.mscale) / get_mscale(factor, rope.mscale_all_dim))
+            attention_factor = float(
+                get_mscale(factor, rope.mscale) / get_mscale(factor, rope.mscale_all_dim)
+            )
         else:
             attention_factor = get_mscale(factor)
     beta_fast = rope.beta_fast or 32
@@ -54,7 +62,9 @@ def inv_freq_and_scaling(rope: RopeConfig, dim: int, max_position_embeddings: in
         high += 0.001
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (
+        1.0 / pos_freqs
+    ) * extrapolation
     return inv_freq, attention_factor
 
 
@@ -66,7 +76,9 @@ class RotaryTables(torch.nn.Module):
         inv_freq, self.attention_scaling = inv_freq_and_scaling(rope, dim, max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, position_ids_BS: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids_BS: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # fp32 angles regardless of the activation dtype (bf16 loses positions past ~256).
         freqs_BSF = position_ids_BS.float()[..., None] * self.inv_freq.to(position_ids_BS.device)
         cos = (freqs_BSF.cos() * self.attention_scaling).to(dtype)
@@ -74,7 +86,9 @@ class RotaryTables(torch.nn.Module):
         return cos, sin
 
 
-def apply_rope(x: torch.Tensor, cos_BSF: torch.Tensor, sin_BSF: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos_BSF: torch.Tensor, sin_BSF: torch.Tensor, interleaved: bool
+) -> torch.Tensor:
     """Rotate ``x`` ``[B, S, ..., dim]`` (any number of head dims between S and dim)."""
     extra = x.dim() - 3
     cos = cos_BSF.reshape(*cos_BSF.shape[:2], *([1] * extra), cos_BSF.shape[-1])

@@ -73,15 +73,23 @@ LOCAL = Backend(
 
 
 def _mlp_builder(cfg: ModelConfig, index: int, backend: Backend) -> Any:
-    mlp = MLPSubmodules(linear_fc1=backend.column_parallel_linear, linear_fc2=backend.row_parallel_linear)
+    mlp = MLPSubmodules(
+        linear_fc1=backend.column_parallel_linear, linear_fc2=backend.row_parallel_linear
+    )
     if not cfg.is_moe_layer(index):
         return partial(MLP.as_mlp_submodule, submodules=mlp)
     shared = partial(SharedExpertMLP, submodules=mlp)
-    return partial(MoELayer, submodules=MoESubmodules(experts=backend.experts, shared_experts=shared))
+    return partial(
+        MoELayer, submodules=MoESubmodules(experts=backend.experts, shared_experts=shared)
+    )
 
 
 def attention_spec(
-    cfg: ModelConfig, index: int, backend: Backend = LOCAL, kernel_backend: str = "auto", explicit_index: bool = False
+    cfg: ModelConfig,
+    index: int,
+    backend: Backend = LOCAL,
+    kernel_backend: str = "auto",
+    explicit_index: bool = False,
 ) -> ModuleSpec:
     """The DSA self-attention of global layer ``index`` (Full: with indexer; Shared: without)."""
     dims = MLADims.from_model_config(cfg)
@@ -118,7 +126,9 @@ def attention_spec(
             linear_kv_down_proj=backend.duplicated_linear,
             kv_layernorm=backend.rms_norm,
             linear_kv_up_proj=backend.column_parallel_linear,
-            core_attention=ModuleSpec(module=DSACoreAttention, submodules=DSACoreAttentionSubmodules(indexer)),
+            core_attention=ModuleSpec(
+                module=DSACoreAttention, submodules=DSACoreAttentionSubmodules(indexer)
+            ),
             linear_proj=backend.row_parallel_linear,
         ),
     )
@@ -132,7 +142,9 @@ def layer_spec(
         module=DSATransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=backend.rms_norm,
-            self_attention=attention_spec(cfg, index, backend, kernel_backend, explicit_index=index >= cfg.num_layers),
+            self_attention=attention_spec(
+                cfg, index, backend, kernel_backend, explicit_index=index >= cfg.num_layers
+            ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=backend.rms_norm,
             mlp=_mlp_builder(cfg, index, backend),

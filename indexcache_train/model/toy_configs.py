@@ -48,4 +48,6 @@ def dsv32_toy_hf_config(num_mtp_layers: int = 1, **overrides: Any) -> dict[str, 
     """``DeepseekV32Config`` defaults (n_group 8 / topk_group 4 / top-8 routing), sizes shrunk."""
     from transformers import DeepseekV32Config
 
-    return _hf_dict(DeepseekV32Config(**{**TOY_SIZES, "index_n_heads": 4, **overrides}), num_mtp_layers)
+    return _hf_dict(
+        DeepseekV32Config(**{**TOY_SIZES, "index_n_heads": 4, **overrides}), num_mtp_layers
+    )

@@ -17,7 +17,9 @@ class KeyRange:
     @staticmethod
     def causal(batch: int, seq: int, device: torch.device | str) -> KeyRange:
         idx_S = torch.arange(seq, device=device)
-        return KeyRange(idx_S.expand(batch, seq), torch.zeros(batch, seq, dtype=torch.long, device=device))
+        return KeyRange(
+            idx_S.expand(batch, seq), torch.zeros(batch, seq, dtype=torch.long, device=device)
+        )
 
     @staticmethod
     def build(
@@ -28,7 +30,9 @@ class KeyRange:
         key_start_BS: torch.Tensor | None = None,
     ) -> KeyRange:
         base = KeyRange.causal(batch, seq, device)
-        qi = base.query_index_BS if query_index_BS is None else query_index_BS.to(device, torch.long)
+        qi = (
+            base.query_index_BS if query_index_BS is None else query_index_BS.to(device, torch.long)
+        )
         ks = base.key_start_BS if key_start_BS is None else key_start_BS.to(device, torch.long)
         return KeyRange(qi.expand(batch, seq), ks.expand(batch, seq))
 
@@ -43,7 +47,11 @@ class KeyRange:
     def topk_mask(self, idx_BSK: torch.Tensor) -> torch.Tensor:
         """Validity of gathered top-k slots: index >= 0 and inside the row's key range."""
         idx = idx_BSK.long()
-        return (idx >= 0) & (idx >= self.key_start_BS[..., None]) & (idx <= self.query_index_BS[..., None])
+        return (
+            (idx >= 0)
+            & (idx >= self.key_start_BS[..., None])
+            & (idx <= self.query_index_BS[..., None])
+        )
 
     def num_valid(self) -> torch.Tensor:
         """Number of valid keys per row, ``[B, S]``."""

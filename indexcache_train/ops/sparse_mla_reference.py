@@ -39,7 +39,9 @@ class _SparseMLA(torch.autograd.Function):
     def forward(ctx, q_BSHD, kv_BTD, idx_BSK, scale, v_dim, chunk):  # type: ignore[override]
         B, S, H, _ = q_BSHD.shape
         out32 = torch.zeros(B, S, H, v_dim, dtype=acc(q_BSHD[:0]).dtype, device=q_BSHD.device)
-        lse_BSH = torch.full((B, S, H), float("-inf"), dtype=acc(q_BSHD[:0]).dtype, device=q_BSHD.device)
+        lse_BSH = torch.full(
+            (B, S, H), float("-inf"), dtype=acc(q_BSHD[:0]).dtype, device=q_BSHD.device
+        )
         kv32 = acc(kv_BTD)
         for s0, s1 in chunks(S, chunk):
             idx_BCK = idx_BSK[:, s0:s1]
@@ -71,7 +73,9 @@ class _SparseMLA(torch.autograd.Function):
             kv_g = _gather_BCKD(kv32, idx_BCK)
             q_c = acc(q_BSHD[:, s0:s1])
             s_BCHK = torch.einsum("bchd,bckd->bchk", q_c, kv_g) * scale
-            p = torch.exp(s_BCHK - lse_BSH[:, s0:s1, :, None]).masked_fill(~valid_BCK[:, :, None], 0.0)
+            p = torch.exp(s_BCHK - lse_BSH[:, s0:s1, :, None]).masked_fill(
+                ~valid_BCK[:, :, None], 0.0
+            )
             p = p.nan_to_num(0.0)
             do_c = dout32[:, s0:s1]
             dp = torch.einsum("bchv,bckv->bchk", do_c, kv_g[..., :v_dim])

@@ -60,7 +60,9 @@ def _sharded(chunks: list, optimizer: Any | None, is_loading: bool) -> dict[str,
         sd[key] = c.sharded_state_dict()
         model_sd.update(sd[key])
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIM_METADATA)
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=OPTIM_METADATA
+        )
     return sd
 
 
@@ -68,7 +70,9 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"{STEP_PREFIX}{step:08d}"
 
 
-def save(root: Path, chunks: list, optimizer: Any, state: TrainerState, files: dict[str, str]) -> Path:
+def save(
+    root: Path, chunks: list, optimizer: Any, state: TrainerState, files: dict[str, str]
+) -> Path:
     """Save model chunks (unwrapped modules) + optimizer; returns the final directory."""
     from megatron.core import dist_checkpointing
 
@@ -101,7 +105,9 @@ def latest(root: Path) -> Path | None:
         d = root / pointer.read_text().strip()
         if (d / STATE_FILE).is_file():
             return d
-    candidates = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file())
+    candidates = sorted(
+        p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()
+    )
     return candidates[-1] if candidates else None
 
 
@@ -157,7 +163,9 @@ def apply_retention(root: Path, keep_last: int, protected: set[str]) -> list[Pat
     """Delete all but the newest ``keep_last`` checkpoints (never ``protected`` or ``latest``)."""
     if _rank() != 0 or keep_last <= 0:
         return []
-    done = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file())
+    done = sorted(
+        p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()
+    )
     pointer = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
     removed = []
     for p in done[:-keep_last]:

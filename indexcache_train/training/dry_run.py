@@ -34,7 +34,9 @@ def dry_run(cfg: TrainConfig, resolved: Resolved) -> dict[str, float]:
         if dist.is_initialized():
             ps.destroy_model_parallel()
             dist.destroy_process_group()
-        dist.init_process_group("fake", store=FakeStore(), rank=pp_rank * (world // pp), world_size=world)
+        dist.init_process_group(
+            "fake", store=FakeStore(), rank=pp_rank * (world // pp), world_size=world
+        )
         runtime.init_model_parallel(cfg, create_gloo_groups=False)
         runtime.seed_everything(cfg.run.seed)
 
@@ -43,29 +45,45 @@ def dry_run(cfg: TrainConfig, resolved: Resolved) -> dict[str, float]:
     from indexcache_train.training.model_setup import build_chunks
 
     dp = resolved.data_parallel_size
-    bytes_per_param = (2 if cfg.optim.bf16 else 4) + 4 + 12 / dp  # weights + fp32 grads + sharded Adam
+    bytes_per_param = (
+        (2 if cfg.optim.bf16 else 4) + 4 + 12 / dp
+    )  # weights + fp32 grads + sharded Adam
     worst = 0.0
     for pp_rank in range(pp):
         enter_stage(pp_rank)
         with torch.device("meta"):
-            chunks, _ = build_chunks(cfg, resolved.model, resolved.pipeline_layout, torch.device("meta"))
+            chunks, _ = build_chunks(
+                cfg, resolved.model, resolved.pipeline_layout, torch.device("meta")
+            )
         n_params = sum(p.numel() for c in chunks for p in c.parameters())
-        n_indexer = sum(p.numel() for c in chunks for n, p in c.named_parameters() if ".indexer." in n)
+        n_indexer = sum(
+            p.numel() for c in chunks for n, p in c.named_parameters() if ".indexer." in n
+        )
         gib = n_params * bytes_per_param / 2**30
         worst = max(worst, gib)
         layers = [layer.layer_number - 1 for c in chunks for layer in c.decoder.layers]
         mtp = sum(len(c.mtp.layers) for c in chunks if getattr(c, "mtp_process", False))
         log.info(
             "dry run | pp stage %d | layers %s%s | params/rank %.3fB (indexers %.2fM) | "
-            "static memory/rank ~%.1f GiB", pp_rank, f"{layers[0]}..{layers[-1]}" if layers else "-",
-            f" + {mtp} MTP" if mtp else "", n_params / 1e9, n_indexer / 1e6, gib,
+            "static memory/rank ~%.1f GiB",
+            pp_rank,
+            f"{layers[0]}..{layers[-1]}" if layers else "-",
+            f" + {mtp} MTP" if mtp else "",
+            n_params / 1e9,
+            n_indexer / 1e6,
+            gib,
         )
         del chunks
     log.info(
         "dry run OK | world %d (tp %d pp %d cp %d ep %d dp %d) | max static memory/rank ~%.1f GiB "
         "(bf16 weights, fp32 grads, Adam sharded over dp; activations not included) | schedule %s",
-        world, ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-        ps.get_context_parallel_world_size(), ps.get_expert_model_parallel_world_size(), dp, worst,
+        world,
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+        dp,
+        worst,
         resolved.model.schedule.describe(),
     )
     ps.destroy_model_parallel()

@@ -39,7 +39,13 @@ def _avg_keys_sparse(seq: int, k: int) -> float:
 
 def layer_trunk_flops_per_token(cfg: ModelConfig, layer: int, seq: int, attention: str) -> float:
     h, H = cfg.hidden_size, cfg.num_attention_heads
-    r_q, r_kv, nope, rope, v = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    r_q, r_kv, nope, rope, v = (
+        cfg.q_lora_rank,
+        cfg.kv_lora_rank,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+    )
     f = 2 * h * r_q + 2 * r_q * H * (nope + rope) + 2 * h * (r_kv + rope) + 2 * H * v * h
     if attention == "dense":
         f += 2 * r_kv * H * (nope + v)  # expanded k/v
@@ -49,7 +55,9 @@ def layer_trunk_flops_per_token(cfg: ModelConfig, layer: int, seq: int, attentio
         f += 2 * H * (r_kv + rope + r_kv) * _avg_keys_sparse(seq, cfg.index_topk)
     if cfg.is_moe_layer(layer):
         f += 2 * h * cfg.n_routed_experts
-        f += 3 * 2 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+        f += (
+            3 * 2 * h * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+        )
     else:
         f += 3 * 2 * h * cfg.intermediate_size
     return f
@@ -62,7 +70,10 @@ def indexer_projection_flops_per_token(cfg: ModelConfig) -> float:
 
 def indexer_flops_per_token(cfg: ModelConfig, seq: int) -> float:
     """One Full layer's indexer: projections + scoring every causal key (fwd only)."""
-    return indexer_projection_flops_per_token(cfg) + 2 * cfg.index_n_heads * cfg.index_head_dim * (seq + 1) / 2
+    return (
+        indexer_projection_flops_per_token(cfg)
+        + 2 * cfg.index_n_heads * cfg.index_head_dim * (seq + 1) / 2
+    )
 
 
 def distill_flops_per_token(cfg: ModelConfig, seq: int, attention: str) -> float:

@@ -15,8 +15,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
-from megatron.core.optimizer import get_standard_config_overrides
+from megatron.core.optimizer import (
+    OptimizerConfig,
+    ParamKey,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from indexcache_train.compat import INDEXER_GRAD_NORM_GROUP
@@ -26,12 +30,13 @@ from indexcache_train.model.factory import ParallelSettings, build_model, transf
 from indexcache_train.model.gpt import IndexCacheGPTModel
 
 
-
 def is_indexer_param(name: str) -> bool:
     return ".core_attention.indexer." in name
 
 
-def parallel_settings(cfg: TrainConfig, layout: str | None, device: torch.device) -> ParallelSettings:
+def parallel_settings(
+    cfg: TrainConfig, layout: str | None, device: torch.device
+) -> ParallelSettings:
     p, o = cfg.parallel, cfg.optim
     return ParallelSettings(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
@@ -62,15 +67,24 @@ def build_chunks(
     """This rank's model chunks (one per virtual pipeline stage) on ``device``."""
     tcfg = transformer_config(model_cfg, parallel_settings(cfg, layout, device))
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size or 1
-    pp_rank, pp_size = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
+    pp_rank, pp_size = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_world_size(),
+    )
     chunks = []
     for vp in range(vpp):
         vp_stage = vp if vpp > 1 else None
         first = pp_rank == 0 and vp == 0
         last = pp_rank == pp_size - 1 and vp == vpp - 1
         model = build_model(
-            model_cfg, tcfg, pre_process=first, post_process=last, pp_rank=pp_rank, vp_stage=vp_stage,
-            kernel_backend=cfg.model.kernel_backend, max_sequence_length=cfg.model.seq_length,
+            model_cfg,
+            tcfg,
+            pre_process=first,
+            post_process=last,
+            pp_rank=pp_rank,
+            vp_stage=vp_stage,
+            kernel_backend=cfg.model.kernel_backend,
+            max_sequence_length=cfg.model.seq_length,
         )
         chunks.append(model.to(device))
     for model in chunks:
@@ -125,7 +139,9 @@ def wrap_stage(
     if len(ddp_chunks) > 1:
         tcfg.no_sync_func = [c.no_sync for c in ddp_chunks]
     opt_cfg = optimizer_config(cfg, stage)
-    optimizer = get_megatron_optimizer(opt_cfg, ddp_chunks, config_overrides=param_group_overrides(opt_cfg, stage))
+    optimizer = get_megatron_optimizer(
+        opt_cfg, ddp_chunks, config_overrides=param_group_overrides(opt_cfg, stage)
+    )
     return Wrapped(ddp_chunks, optimizer, trainable)
 
 
@@ -173,7 +189,9 @@ def _dist_optimizers(optimizer) -> list:
 
 
 @torch.no_grad()
-def export_optimizer_state(wrapped: Wrapped, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+def export_optimizer_state(
+    wrapped: Wrapped, names: list[str]
+) -> dict[str, dict[str, torch.Tensor]]:
     """Full (unsharded) fp32 main param and Adam moments of ``names``, identical on all DP ranks."""
     params = {n: p for c in unwrap(wrapped) for n, p in c.named_parameters()}
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -219,7 +237,12 @@ def init_optimizer_state(optimizer, step: float = 0.0) -> None:
 
 
 def _owned_anywhere(opt, p: torch.Tensor) -> bool:
-    return any(p in gbuf[dtype][b]["param_map"] for gbuf in opt.gbuf_ranges for dtype in gbuf for b in range(len(gbuf[dtype])))
+    return any(
+        p in gbuf[dtype][b]["param_map"]
+        for gbuf in opt.gbuf_ranges
+        for dtype in gbuf
+        for b in range(len(gbuf[dtype]))
+    )
 
 
 @torch.no_grad()

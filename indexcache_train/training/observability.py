@@ -26,11 +26,20 @@ class NullLogger:
 
 
 class WandbLogger:
-    def __init__(self, project: str, name: str, mode: str, config: dict[str, Any], run_dir: str) -> None:
+    def __init__(
+        self, project: str, name: str, mode: str, config: dict[str, Any], run_dir: str
+    ) -> None:
         import wandb  # optional dependency: pip install -e .[wandb]
 
-        self._run = wandb.init(project=project, name=name, mode=mode, config=config, dir=run_dir,
-                               id=name.replace("/", "-"), resume="allow")
+        self._run = wandb.init(
+            project=project,
+            name=name,
+            mode=mode,
+            config=config,
+            dir=run_dir,
+            id=name.replace("/", "-"),
+            resume="allow",
+        )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
@@ -39,7 +48,9 @@ class WandbLogger:
         self._run.finish()
 
 
-def make_logger(mode: str, project: str, name: str, config: dict[str, Any], run_dir: str, is_logging_rank: bool) -> MetricsLogger:
+def make_logger(
+    mode: str, project: str, name: str, config: dict[str, Any], run_dir: str, is_logging_rank: bool
+) -> MetricsLogger:
     if mode == "disabled" or not is_logging_rank:
         return NullLogger()
     if mode not in ("online", "offline"):

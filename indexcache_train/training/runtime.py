@@ -27,9 +27,16 @@ def discover_ranks(env: dict[str, str] | None = None) -> Ranks:
     ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; else a single process."""
     env = dict(os.environ) if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
+        return Ranks(
+            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-        return Ranks(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "slurm")
+        return Ranks(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            "slurm",
+        )
     return Ranks(0, 1, 0, "single")
 
 
@@ -72,7 +79,9 @@ def init_process_group(ranks: Ranks) -> torch.device:
                 "exports them); or launch through torchrun"
             )
         dist.init_process_group(
-            compat.distributed_backend(), rank=ranks.rank, world_size=ranks.world_size,
+            compat.distributed_backend(),
+            rank=ranks.rank,
+            world_size=ranks.world_size,
             device_id=device if device.type == "cuda" else None,
         )
     return device

@@ -20,13 +20,17 @@ GOLDEN = REPO / "tests/assets/losses/toy.json"
 GOLDEN_RTOL = 1e-4
 
 
-def _train(args: list[str], env: dict[str, str], root: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def _train(
+    args: list[str], env: dict[str, str], root: Path, timeout: int = 600
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "train.py"), "+experiment=toy", f"run.root={root}", *args]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def _metrics(root: Path) -> list[dict]:
-    return [json.loads(line) for line in (root / "toy-local/metrics.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (root / "toy-local/metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +46,14 @@ def test_toy_matches_golden_curve_and_switches_stage(uninterrupted) -> None:
     rows = _metrics(root)
     assert [r["stage"] for r in rows] == ["warmup"] * 4 + ["sparse"] * 6
     assert "stage switch at step 4 -> sparse" in log
-    assert (root / "toy-local/checkpoints/step_00000004/trainer_state.json").is_file()  # stage end kept
+    assert (
+        root / "toy-local/checkpoints/step_00000004/trainer_state.json"
+    ).is_file()  # stage end kept
     assert "step 10/10 | stage sparse | lm loss" in log
-    curve = {"lm_loss": [r["loss/lm"] for r in rows], "indexer_loss": [r["loss/indexer"] for r in rows]}
+    curve = {
+        "lm_loss": [r["loss/lm"] for r in rows],
+        "indexer_loss": [r["loss/indexer"] for r in rows],
+    }
     if os.environ.get("UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(json.dumps(curve, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())
@@ -55,10 +64,19 @@ def test_toy_matches_golden_curve_and_switches_stage(uninterrupted) -> None:
     assert all(r["optim/update_ok"] == 1.0 for r in rows)
 
 
-def test_sigterm_saves_then_auto_resume_reproduces_losses(uninterrupted, tmp_path, subprocess_env) -> None:
+def test_sigterm_saves_then_auto_resume_reproduces_losses(
+    uninterrupted, tmp_path, subprocess_env
+) -> None:
     root = tmp_path / "killed"
     cmd = [sys.executable, str(REPO / "train.py"), "+experiment=toy", f"run.root={root}"]
-    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = []
     deadline = time.time() + 300
     for line in proc.stdout:  # type: ignore[union-attr]
@@ -71,7 +89,14 @@ def test_sigterm_saves_then_auto_resume_reproduces_losses(uninterrupted, tmp_pat
     log = "".join(seen) + rest
     assert proc.returncode == 0, log[-3000:]
     assert "(signal)" in log
-    state = json.loads((root / "toy-local/checkpoints" / (root / "toy-local/checkpoints/latest").read_text() / "trainer_state.json").read_text())
+    state = json.loads(
+        (
+            root
+            / "toy-local/checkpoints"
+            / (root / "toy-local/checkpoints/latest").read_text()
+            / "trainer_state.json"
+        ).read_text()
+    )
     assert state["reason"] == "signal" and 6 <= state["step"] < 10
     resumed = _train([], subprocess_env, root)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
@@ -91,6 +116,13 @@ def test_every_experiment_dry_runs(subprocess_env) -> None:
         "    assert out['dry_run/max_static_gib_per_rank'] > 0, name\n"
         "    print('DRY-RUN-OK', name, flush=True)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
-    assert [l.split()[1] for l in out.stdout.splitlines() if l.startswith("DRY-RUN-OK")] == names
+    assert [ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("DRY-RUN-OK")] == names

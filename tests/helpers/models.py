@@ -10,7 +10,7 @@ import torch
 
 from indexcache_train.model.config import ModelConfig
 from indexcache_train.model.factory import ParallelSettings, build_model, transformer_config
-from indexcache_train.model.forward_state import DSAForwardState, DistillSettings
+from indexcache_train.model.forward_state import DistillSettings, DSAForwardState
 
 CPU_PARALLEL = ParallelSettings(moe_token_dispatcher_type="allgather")
 
@@ -27,7 +27,9 @@ def state(cfg: ModelConfig, batch: int, seq: int, **kw: Any) -> DSAForwardState:
     return DSAForwardState(cfg.schedule, pos, distill=distill, **kw)
 
 
-def perturbed_hf_model(model_cls: Any, hf_config: dict[str, Any], seed: int = 0, noise: float = 0.05):
+def perturbed_hf_model(
+    model_cls: Any, hf_config: dict[str, Any], seed: int = 0, noise: float = 0.05
+):
     """A random HF model whose norms / router biases are not at their trivial init values."""
     torch.manual_seed(seed)
     config_cls = model_cls.config_class

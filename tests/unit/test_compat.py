@@ -98,26 +98,45 @@ def _run(code: str, disable: str | None, repo: str) -> subprocess.CompletedProce
     if disable:
         env["INDEXCACHE_COMPAT_DISABLE"] = disable
     script = PRELUDE.format(repo=repo) + textwrap.dedent(code) + "\nprint('SCENARIO-OK')\n"
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240, cwd=repo)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=repo,
+    )
 
 
 @pytest.mark.parametrize("fix", sorted(SCENARIOS))
 def test_fix_is_needed(fix: str, repo_root) -> None:
     code, error = SCENARIOS[fix]
     without = _run(code, fix, str(repo_root))
-    assert without.returncode != 0 and error in without.stderr, without.stdout[-2000:] + without.stderr[-2000:]
+    assert without.returncode != 0 and error in without.stderr, (
+        without.stdout[-2000:] + without.stderr[-2000:]
+    )
     with_fix = _run(code, None, str(repo_root))
     assert with_fix.returncode == 0 and "SCENARIO-OK" in with_fix.stdout, with_fix.stderr[-3000:]
 
 
 def test_applied_fixes_listed() -> None:
-    assert set(compat.applied_fixes()) == {"current_device", "cuda_literals", "cuda_streams", "checkpoint_rng", "rng_tracker"}
+    assert set(compat.applied_fixes()) == {
+        "current_device",
+        "cuda_literals",
+        "cuda_streams",
+        "checkpoint_rng",
+        "rng_tracker",
+    }
 
 
 def test_environment_defaults_in_fresh_process(repo_root) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TORCHDYNAMO_DISABLE")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TORCHDYNAMO_DISABLE")
+    }
     code = f"import sys; sys.path.insert(0, {str(repo_root)!r}); from indexcache_train import compat; compat.apply(); import os, torch; print(os.environ['OMP_NUM_THREADS'], os.environ['TORCHDYNAMO_DISABLE'], torch.get_num_threads())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.stdout.split() == ["1", "1", "1"], out.stderr
 
 
@@ -125,8 +144,14 @@ def test_megatron_torch_norm_refuses_sp_ours_tags_weights() -> None:
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, sequence_parallel=True,
-                            tensor_model_parallel_size=2, normalization="RMSNorm")
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=8,
+        num_attention_heads=2,
+        sequence_parallel=True,
+        tensor_model_parallel_size=2,
+        normalization="RMSNorm",
+    )
     with pytest.raises(AssertionError):
         WrappedTorchNorm(config=cfg, hidden_size=8)
     norm = compat.RMSNorm(config=cfg, hidden_size=8)
@@ -139,9 +164,19 @@ def test_duplicated_linear_replaces_te_only_indexer_linear() -> None:
 
     # Megatron-Core 0.19.2's DSA spec asks the backend for a "duplicated" linear that only TE has.
     assert not hasattr(LocalSpecProvider(), "linear")
-    cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
-    lin = compat.DuplicatedLinear(8, 4, config=cfg, init_method=cfg.init_method, bias=False,
-                                  skip_bias_add=False, parallel_mode="duplicated", tp_comm_buffer_name="x")
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True
+    )
+    lin = compat.DuplicatedLinear(
+        8,
+        4,
+        config=cfg,
+        init_method=cfg.init_method,
+        bias=False,
+        skip_bias_add=False,
+        parallel_mode="duplicated",
+        tp_comm_buffer_name="x",
+    )
     out, bias = lin(torch.ones(3, 8))
     assert out.shape == (3, 4) and bias is None
     assert all(p.average_gradients_across_tp_domain for p in lin.parameters())

@@ -15,12 +15,18 @@ def test_toy_composes_typed() -> None:
     assert cfg.model.preset == "glm5_toy" and cfg.indexcache.index_topk_freq == 2
     assert [s.name for s in cfg.recipe.stages] == ["warmup", "sparse"]
     r = validate(cfg, world_size=1)
-    assert r.model.schedule.pattern == "FSFS" and r.num_microbatches == 2 and r.pipeline_layout is None
+    assert (
+        r.model.schedule.pattern == "FSFS" and r.num_microbatches == 2 and r.pipeline_layout is None
+    )
 
 
-@pytest.mark.parametrize("override", ["optim.lrr=1e-3", "model.seqlen=128", "recipe.stages.0.lrr=1"])
+@pytest.mark.parametrize(
+    "override", ["optim.lrr=1e-3", "model.seqlen=128", "recipe.stages.0.lrr=1"]
+)
 def test_typo_fails_at_compose(override: str) -> None:
-    with pytest.raises((ConfigCompositionException, ConfigKeyError, ConfigAttributeError, ValidationError)) as e:
+    with pytest.raises(
+        (ConfigCompositionException, ConfigKeyError, ConfigAttributeError, ValidationError)
+    ) as e:
         compose(["+experiment=toy", override])
     assert override.split("=")[0].split(".")[-1] in str(e.value) + str(e.value.__cause__)
 
@@ -31,7 +37,9 @@ def test_typo_inside_a_yaml_stage_fails() -> None:
     from indexcache_train.config.schema import TrainConfig
 
     with pytest.raises(ConfigKeyError, match="stepz"):
-        OmegaConf.merge(OmegaConf.structured(TrainConfig), {"recipe": {"stages": [{"name": "a", "stepz": 3}]}})
+        OmegaConf.merge(
+            OmegaConf.structured(TrainConfig), {"recipe": {"stages": [{"name": "a", "stepz": 3}]}}
+        )
 
 
 def test_wrong_type_fails_at_compose() -> None:
@@ -42,15 +50,27 @@ def test_wrong_type_fails_at_compose() -> None:
 @pytest.mark.parametrize(
     "overrides,world,match",
     [
-        (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 3, "not divisible by tp"),
+        (
+            ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+            3,
+            "not divisible by tp",
+        ),
         (["parallel.tensor_model_parallel_size=2"], 2, "requires parallel.sequence_parallel=true"),
         (["parallel.expert_model_parallel_size=3"], 2, "expert_model_parallel_size=3 must divide"),
         (["optim.global_batch_size=3"], 1, "multiple of micro_batch_size"),
         (["distill=none", "recipe=toy_two_stage"], 1, "distill.mode=none gives them no loss"),
         (["recipe.stages.0.attention=sparce"], 1, "attention='sparce'"),
-        (["indexcache.index_topk_freq=4", "indexcache.index_skip_topk_offset=null"], 1, "explicit index_skip_topk_offset"),
+        (
+            ["indexcache.index_topk_freq=4", "indexcache.index_skip_topk_offset=null"],
+            1,
+            "explicit index_skip_topk_offset",
+        ),
         (["model.overrides.vocab_size=1000"], 1, "tokenizer has 50257 tokens"),
-        (["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layout=Et|tttmL"], 2, "pipeline_layout"),
+        (
+            ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layout=Et|tttmL"],
+            2,
+            "pipeline_layout",
+        ),
     ],
 )
 def test_inconsistent_config_fails_validation(overrides: list[str], world: int, match: str) -> None:
@@ -60,12 +80,20 @@ def test_inconsistent_config_fails_validation(overrides: list[str], world: int, 
 
 
 def test_glm5_even_split_on_8_stages_is_refused_with_layer_names() -> None:
-    cfg = compose(["+experiment=glm5_freq4", "parallel.pipeline_model_parallel_size=8", "parallel.pipeline_layout=even",
-                   "parallel.num_layers_in_last_pipeline_stage=8"])
+    cfg = compose(
+        [
+            "+experiment=glm5_freq4",
+            "parallel.pipeline_model_parallel_size=8",
+            "parallel.pipeline_layout=even",
+            "parallel.num_layers_in_last_pipeline_stage=8",
+        ]
+    )
     with pytest.raises(ConfigError) as e:
         validate(cfg, world_size=8 * 4 * 8)
     msg = str(e.value)
-    assert "20" in msg and "18" in msg  # layer 20 (Shared) whose source 18 sits on the previous stage
+    assert (
+        "20" in msg and "18" in msg
+    )  # layer 20 (Shared) whose source 18 sits on the previous stage
     assert "Et" in msg  # proposes a valid Megatron layout
 
 

@@ -40,12 +40,22 @@ def _violations(paths: list[Path], forbidden: tuple[str, ...]) -> list[str]:
 
 
 def test_schedule_is_pure_python() -> None:
-    assert _violations(_modules("schedule.py"), ("torch", "megatron", "transformers", "numpy")) == []
+    assert (
+        _violations(_modules("schedule.py"), ("torch", "megatron", "transformers", "numpy")) == []
+    )
 
 
 def test_model_and_kernels_import_no_training_code() -> None:
-    training = ("indexcache_train.training", "indexcache_train.data", "indexcache_train.tools",
-                "indexcache_train.config", "checkpoint_tools", "hydra", "omegaconf", "train")
+    training = (
+        "indexcache_train.training",
+        "indexcache_train.data",
+        "indexcache_train.tools",
+        "indexcache_train.config",
+        "checkpoint_tools",
+        "hydra",
+        "omegaconf",
+        "train",
+    )
     paths = _modules("model", "ops", "loss")
     assert paths, "model code moved?"
     assert _violations(paths, training) == []
@@ -62,13 +72,25 @@ def test_only_compat_patches_torch_or_megatron() -> None:
         if path.name == "compat.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AugAssign)
+                else []
+            )
             for t in targets:
                 root = t
                 while isinstance(root, ast.Attribute):
                     root = root.value
-                if isinstance(t, ast.Attribute) and isinstance(root, ast.Name) and root.id in ("torch", "megatron"):
-                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} assigns {ast.unparse(t)}")
+                if (
+                    isinstance(t, ast.Attribute)
+                    and isinstance(root, ast.Name)
+                    and root.id in ("torch", "megatron")
+                ):
+                    offenders.append(
+                        f"{path.relative_to(REPO)}:{node.lineno} assigns {ast.unparse(t)}"
+                    )
     assert offenders == []
 
 
@@ -77,6 +99,10 @@ def test_pure_modules_import_without_torch(module: str) -> None:
     import subprocess
     import sys
 
-    code = f"import sys; sys.modules['torch'] = None; sys.modules['megatron'] = None; import {module}"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    code = (
+        f"import sys; sys.modules['torch'] = None; sys.modules['megatron'] = None; import {module}"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr

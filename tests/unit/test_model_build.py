@@ -34,26 +34,44 @@ def _indexer_layers(names) -> set[int]:
 
 
 def test_indexer_tensors_exactly_on_full_layers_mtp_included() -> None:
-    cfg, model = build_toy(glm5_toy_hf_config(num_hidden_layers=6, index_topk_freq=3, index_skip_topk_offset=1))
+    cfg, model = build_toy(
+        glm5_toy_hf_config(num_hidden_layers=6, index_topk_freq=3, index_skip_topk_offset=1)
+    )
     assert cfg.schedule.pattern == "FSSFSS" and cfg.schedule.mtp_indexer_types == ("full",)
     names = list(model.state_dict())
     assert _indexer_layers(names) == {0, 3, ("mtp", 0)}
-    per_layer = [n for n in names if n.startswith("decoder.layers.0.self_attention.core_attention.indexer.")]
+    per_layer = [
+        n for n in names if n.startswith("decoder.layers.0.self_attention.core_attention.indexer.")
+    ]
     assert sorted(n.rsplit(".indexer.", 1)[1] for n in per_layer) == [
-        "k_norm.bias", "k_norm.weight", "linear_weights_proj.weight", "linear_wk.weight", "linear_wq_b.weight"]
+        "k_norm.bias",
+        "k_norm.weight",
+        "linear_weights_proj.weight",
+        "linear_wk.weight",
+        "linear_wq_b.weight",
+    ]
     assert not any("layers.1.self_attention.core_attention" in n for n in names)
     hf = hf_tensor_names(cfg)
-    assert {int(h.split(".")[2]) for h in hf if ".indexer." in h} == {0, 3, 6}  # MTP = model.layers.6
+    assert {int(h.split(".")[2]) for h in hf if ".indexer." in h} == {
+        0,
+        3,
+        6,
+    }  # MTP = model.layers.6
     # Shared MTP layer: no indexer either (freq 2 / offset 2: global 4 is Shared).
-    cfg2, model2 = build_toy(glm5_toy_hf_config(num_hidden_layers=4, index_topk_freq=2, index_skip_topk_offset=2))
+    _cfg2, model2 = build_toy(
+        glm5_toy_hf_config(num_hidden_layers=4, index_topk_freq=2, index_skip_topk_offset=2)
+    )
     assert _indexer_layers(model2.state_dict()) == {0, 1, 3}
 
 
 def test_indexer_weights_proj_is_fp32_in_bf16_model() -> None:
     par = dataclasses.replace(CPU_PARALLEL, params_dtype=torch.bfloat16, bf16=True)
-    cfg, model = build_toy(glm5_toy_hf_config(num_hidden_layers=2), par)
+    _, model = build_toy(glm5_toy_hf_config(num_hidden_layers=2), par)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    assert dtypes["decoder.layers.0.self_attention.core_attention.indexer.linear_weights_proj.weight"] == torch.float32
+    assert (
+        dtypes["decoder.layers.0.self_attention.core_attention.indexer.linear_weights_proj.weight"]
+        == torch.float32
+    )
     assert dtypes["decoder.layers.0.self_attention.linear_q_down_proj.weight"] == torch.bfloat16
     assert model.decoder.layers[1].mlp.router.expert_bias.dtype == torch.float32
 
@@ -84,7 +102,9 @@ def test_grouped_routing_mismatch_is_refused() -> None:
 
 
 def test_hf_config_round_trip() -> None:
-    cfg = ModelConfig.from_hf_config(glm5_toy_hf_config(index_topk_freq=2, index_skip_topk_offset=1))
+    cfg = ModelConfig.from_hf_config(
+        glm5_toy_hf_config(index_topk_freq=2, index_skip_topk_offset=1)
+    )
     again = ModelConfig.from_hf_config(cfg.to_hf_config())
     assert again == cfg
 
@@ -95,14 +115,18 @@ def _ids(cfg: ModelConfig, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("attention", ["sparse", "dense"])
 def test_forward_backward_moe_mtp_shared(attention: str) -> None:
-    cfg, model = build_toy(glm5_toy_hf_config(num_hidden_layers=4, index_topk_freq=2, index_skip_topk_offset=1))
+    cfg, model = build_toy(
+        glm5_toy_hf_config(num_hidden_layers=4, index_topk_freq=2, index_skip_topk_offset=1)
+    )
     assert cfg.num_mtp_layers == 1 and cfg.is_moe_layer(1) and not cfg.schedule.is_full(1)
     ids = _ids(cfg, 0)
     st = state(cfg, B, S, attention=attention, distill=DistillSettings(mode="multi"))
     loss = model(ids, torch.arange(S).expand(B, S), None, labels=ids.roll(-1, 1), dsa_state=st)
     assert loss.shape == (B, S) and torch.isfinite(loss).all()
     loss.mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
     assert missing == []
     # Terms: every served layer (Shared ones too, mtp as global index 4).
     assert set(st.kl_terms) == {(0, 0), (0, 1), (2, 2), (2, 3), (4, 4)}
@@ -114,9 +138,15 @@ def test_recompute_shared_layers_see_their_own_micro_batch_topk() -> None:
     (one of them 2 layers from its source) must reuse A's forward-time indices."""
     from indexcache_train.model.factory import ParallelSettings
 
-    hf = glm5_toy_hf_config(num_hidden_layers=5, indexer_types=["full", "shared", "shared", "full", "shared"])
-    rec = ParallelSettings(moe_token_dispatcher_type="allgather", recompute_granularity="full",
-                           recompute_method="uniform", recompute_num_layers=1)
+    hf = glm5_toy_hf_config(
+        num_hidden_layers=5, indexer_types=["full", "shared", "shared", "full", "shared"]
+    )
+    rec = ParallelSettings(
+        moe_token_dispatcher_type="allgather",
+        recompute_granularity="full",
+        recompute_method="uniform",
+        recompute_num_layers=1,
+    )
     torch.manual_seed(0)
     cfg, model = build_toy(hf, rec)
     torch.manual_seed(0)
@@ -151,7 +181,9 @@ def test_recompute_shared_layers_see_their_own_micro_batch_topk() -> None:
 
 
 def test_no_recompute_drops_entries_after_last_consumer() -> None:
-    cfg, model = build_toy(glm5_toy_hf_config(num_hidden_layers=4, index_topk_freq=4, index_skip_topk_offset=1))
+    cfg, model = build_toy(
+        glm5_toy_hf_config(num_hidden_layers=4, index_topk_freq=4, index_skip_topk_offset=1)
+    )
     st = state(cfg, B, S)
     ids = _ids(cfg, 0)
     with torch.no_grad():
@@ -162,11 +194,19 @@ def test_no_recompute_drops_entries_after_last_consumer() -> None:
 def test_dist_checkpoint_round_trip(tmp_path) -> None:
     from megatron.core import dist_checkpointing
 
-    cfg, model = build_toy(glm5_toy_hf_config(num_hidden_layers=3, index_topk_freq=2, index_skip_topk_offset=1))
+    _, model = build_toy(
+        glm5_toy_hf_config(num_hidden_layers=3, index_topk_freq=2, index_skip_topk_offset=1)
+    )
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
     torch.manual_seed(123)
-    _, fresh = build_toy(glm5_toy_hf_config(num_hidden_layers=3, index_topk_freq=2, index_skip_topk_offset=1))
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()) if isinstance(a, torch.Tensor))
+    _, fresh = build_toy(
+        glm5_toy_hf_config(num_hidden_layers=3, index_topk_freq=2, index_skip_topk_offset=1)
+    )
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+        if isinstance(a, torch.Tensor)
+    )
     fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), str(tmp_path)))
     for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         if isinstance(a, torch.Tensor):

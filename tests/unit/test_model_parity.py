@@ -28,7 +28,12 @@ def _megatron() -> None:
 def _topk_sets(idx: torch.Tensor, causal: bool) -> list[list[set[int]]]:
     out = []
     for b in range(idx.shape[0]):
-        out.append([{t for t in row if t >= 0 and (not causal or t <= s)} for s, row in enumerate(idx[b].tolist())])
+        out.append(
+            [
+                {t for t in row if t >= 0 and (not causal or t <= s)}
+                for s, row in enumerate(idx[b].tolist())
+            ]
+        )
     return out
 
 
@@ -38,9 +43,13 @@ def _capture_hf_topk(hf_model) -> dict[int, torch.Tensor]:
         # GLM's attention returns the top-k it used (own or reused); DeepSeek's returns 2 values,
         # and every DeepSeek layer has an indexer whose output is that top-k.
         if hasattr(layer.self_attn, "skip_topk"):
-            layer.self_attn.register_forward_hook(lambda mod, args, out, i=i: caps.__setitem__(i, out[2]))
+            layer.self_attn.register_forward_hook(
+                lambda mod, args, out, i=i: caps.__setitem__(i, out[2])
+            )
         else:
-            layer.self_attn.indexer.register_forward_hook(lambda mod, args, out, i=i: caps.__setitem__(i, out))
+            layer.self_attn.indexer.register_forward_hook(
+                lambda mod, args, out, i=i: caps.__setitem__(i, out)
+            )
     return caps
 
 
@@ -59,14 +68,18 @@ def _ours_vs_hf(hf_cls, hf_config: dict, attention: str = "sparse"):
 
 
 def test_glm5_with_shared_layers_matches_transformers() -> None:
-    hf_cfg = glm5_toy_hf_config(num_hidden_layers=6, indexer_types=["full", "shared", "shared", "full", "shared", "full"])
+    hf_cfg = glm5_toy_hf_config(
+        num_hidden_layers=6, indexer_types=["full", "shared", "shared", "full", "shared", "full"]
+    )
     cfg, ref, ours, hf_topk, our_topk = _ours_vs_hf(GlmMoeDsaForCausalLM, hf_cfg)
     assert cfg.index_topk < S and not cfg.schedule.is_full(2) and cfg.schedule.source(2) == 0
     assert (ours - ref).abs().max().item() <= 1e-5
     for layer in range(cfg.num_layers):
         assert _topk_sets(our_topk[layer], False) == _topk_sets(hf_topk[layer], True), layer
     # Selection matters: later rows keep index_topk of their > index_topk causal keys.
-    assert all(len(s) == cfg.index_topk for s in _topk_sets(our_topk[0], False)[0][cfg.index_topk :])
+    assert all(
+        len(s) == cfg.index_topk for s in _topk_sets(our_topk[0], False)[0][cfg.index_topk :]
+    )
 
 
 def test_glm5_freq_offset_schedule_matches_transformers() -> None:
@@ -79,9 +92,19 @@ def test_glm5_freq_offset_schedule_matches_transformers() -> None:
 
 
 def test_deepseek_v32_all_full_yarn_grouped_routing_matches_transformers() -> None:
-    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
-            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
-    hf_cfg = dsv32_toy_hf_config(num_hidden_layers=3, rope_parameters=yarn, max_position_embeddings=163840)
+    yarn = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+    hf_cfg = dsv32_toy_hf_config(
+        num_hidden_layers=3, rope_parameters=yarn, max_position_embeddings=163840
+    )
     cfg, ref, ours, hf_topk, our_topk = _ours_vs_hf(DeepseekV32ForCausalLM, hf_cfg)
     assert cfg.n_group == 8 and cfg.topk_group == 4 and not cfg.indexer_rope_interleave
     assert cfg.rope.rope_type == "yarn" and cfg.softmax_scale() != cfg.qk_head_dim**-0.5
@@ -92,7 +115,9 @@ def test_deepseek_v32_all_full_yarn_grouped_routing_matches_transformers() -> No
 
 def test_dense_expanded_form_equals_sparse_absorbed_form_with_all_keys() -> None:
     """The warm-up (expanded MLA, dense) and sparse-stage (absorbed MLA) forms are the same math."""
-    hf_cfg = glm5_toy_hf_config(num_hidden_layers=3, index_topk=64, index_topk_freq=2, index_skip_topk_offset=1)
+    hf_cfg = glm5_toy_hf_config(
+        num_hidden_layers=3, index_topk=64, index_topk_freq=2, index_skip_topk_offset=1
+    )
     cfg, model = build_toy(hf_cfg)
     model.eval()
     ids = torch.randint(0, cfg.vocab_size, (B, S))
@@ -122,12 +147,18 @@ def test_mtp_matches_reference_formula(mtp_shared: bool) -> None:
     hf_dict = {**cfg.to_hf_config(), "num_hidden_layers": n + 1}
     types = list(cfg.schedule.indexer_types) + list(cfg.schedule.mtp_indexer_types)
     hf_dict["indexer_types"] = types
-    for k in ("index_topk_freq", "index_skip_topk_offset", "index_topk_pattern", "mlp_layer_types", "num_nextn_predict_layers"):
+    for k in (
+        "index_topk_freq",
+        "index_skip_topk_offset",
+        "index_topk_pattern",
+        "mlp_layer_types",
+        "num_nextn_predict_layers",
+    ):
         hf_dict.pop(k, None)
     hf = GlmMoeDsaForCausalLM(GlmMoeDsaForCausalLM.config_class(**hf_dict)).eval()
     hf.config._attn_implementation = "eager"
     ours_sd = export_hf_state_dict(model, cfg)
-    missing, unexpected = hf.load_state_dict(_fuse_experts(ours_sd, cfg), strict=False)
+    missing, _unexpected = hf.load_state_dict(_fuse_experts(ours_sd, cfg), strict=False)
     assert not [m for m in missing if "rotary" not in m]
 
     ids = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(3))
@@ -136,15 +167,27 @@ def test_mtp_matches_reference_formula(mtp_shared: bool) -> None:
     with torch.no_grad():
         emb = model.embedding(input_ids=ids, position_ids=pos)
         h = model.decoder(emb, None, dsa_state=st)
-        ours = model.mtp(ids, pos, h, None, dsa_state=st, embedding=model.embedding)[S:]  # depth-0 chunk
+        ours = model.mtp(ids, pos, h, None, dsa_state=st, embedding=model.embedding)[
+            S:
+        ]  # depth-0 chunk
 
         out = hf.model(ids, output_hidden_states=True)
-        h_ref = hf.model.norm(out.hidden_states[n])  # trunk output after the final norm (Megatron's MTP input)
+        h_ref = hf.model.norm(
+            out.hidden_states[n]
+        )  # trunk output after the final norm (Megatron's MTP input)
         assert (h.transpose(0, 1) - h_ref).abs().max().item() <= 1e-5
-        nxt = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)  # Megatron's roll: zero-filled
+        nxt = torch.cat(
+            [ids[:, 1:], torch.zeros_like(ids[:, :1])], 1
+        )  # Megatron's roll: zero-filled
         e = hf.model.embed_tokens(nxt)
         w = {k: v for k, v in ours_sd.items() if k.startswith(f"model.layers.{n}.")}
-        x = torch.cat([_rms(e, w[f"model.layers.{n}.enorm.weight"], cfg), _rms(h_ref, w[f"model.layers.{n}.hnorm.weight"], cfg)], -1)
+        x = torch.cat(
+            [
+                _rms(e, w[f"model.layers.{n}.enorm.weight"], cfg),
+                _rms(h_ref, w[f"model.layers.{n}.hnorm.weight"], cfg),
+            ],
+            -1,
+        )
         x = x @ w[f"model.layers.{n}.eh_proj.weight"].T
         cos_sin = hf.model.rotary_emb(x, position_ids=pos)
         mask = torch.full((S, S), float("-inf")).triu(1)[None, None].expand(B, 1, S, S)
@@ -152,11 +195,18 @@ def test_mtp_matches_reference_formula(mtp_shared: bool) -> None:
         if mtp_shared:  # the HF layer reuses the trunk source layer's top-k, as our MTP layer does
             caps = {}
             hook = hf.model.layers[cfg.schedule.source(n)].self_attn.register_forward_hook(
-                lambda mod, a, o: caps.__setitem__("t", o[2]))
+                lambda mod, a, o: caps.__setitem__("t", o[2])
+            )
             hf.model(ids)
             hook.remove()
             prev = caps["t"]
-        y, _ = hf.model.layers[n](x, attention_mask=mask, position_embeddings=cos_sin, position_ids=pos, prev_topk_indices=prev)
+        y, _ = hf.model.layers[n](
+            x,
+            attention_mask=mask,
+            position_embeddings=cos_sin,
+            position_ids=pos,
+            prev_topk_indices=prev,
+        )
         ref = _rms(y, w[f"model.layers.{n}.shared_head.norm.weight"], cfg)
     assert (ours.transpose(0, 1) - ref).abs().max().item() <= 1e-5
 
@@ -171,7 +221,17 @@ def _fuse_experts(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     layers = {k.split(".mlp.experts.")[0] for k in sd if ".mlp.experts." in k}
     for prefix in layers:
         e = range(cfg.n_routed_experts)
-        gate_up = [torch.cat([sd[f"{prefix}.mlp.experts.{i}.gate_proj.weight"], sd[f"{prefix}.mlp.experts.{i}.up_proj.weight"]]) for i in e]
+        gate_up = [
+            torch.cat(
+                [
+                    sd[f"{prefix}.mlp.experts.{i}.gate_proj.weight"],
+                    sd[f"{prefix}.mlp.experts.{i}.up_proj.weight"],
+                ]
+            )
+            for i in e
+        ]
         out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack(gate_up)
-        out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([sd[f"{prefix}.mlp.experts.{i}.down_proj.weight"] for i in e])
+        out[f"{prefix}.mlp.experts.down_proj"] = torch.stack(
+            [sd[f"{prefix}.mlp.experts.{i}.down_proj.weight"] for i in e]
+        )
     return out

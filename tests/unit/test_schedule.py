@@ -26,21 +26,28 @@ def test_roles_match_transformers(freq: int, offset: int) -> None:
     from transformers import GlmMoeDsaConfig
 
     n = 23
-    hf = GlmMoeDsaConfig(num_hidden_layers=n, index_topk_freq=freq, index_skip_topk_offset=offset).indexer_types
+    hf = GlmMoeDsaConfig(
+        num_hidden_layers=n, index_topk_freq=freq, index_skip_topk_offset=offset
+    ).indexer_types
     if hf[0] == "shared":
         # HF builds it, then fails at runtime ("Shared DSA layers require top-k ..."): we refuse early.
         with pytest.raises(ScheduleError, match="layer 0"):
             IndexCacheSchedule.from_freq_offset(n, freq, offset)
         return
     assert list(IndexCacheSchedule.from_freq_offset(n, freq, offset).indexer_types) == hf
-    ours = IndexCacheSchedule.from_hf_config({"num_hidden_layers": n, "index_topk_freq": freq, "index_skip_topk_offset": offset})
+    ours = IndexCacheSchedule.from_hf_config(
+        {"num_hidden_layers": n, "index_topk_freq": freq, "index_skip_topk_offset": offset}
+    )
     assert list(ours.indexer_types) == hf
 
 
 @pytest.mark.parametrize("freq", range(1, 6))
 @pytest.mark.parametrize("offset", range(0, 6))
 def test_roles_match_megatron(freq: int, offset: int) -> None:
-    from megatron.core.transformer.experimental_attention_variant.dsa import is_dsa_skip_topk_layer, source_dsa_compute_layer
+    from megatron.core.transformer.experimental_attention_variant.dsa import (
+        is_dsa_skip_topk_layer,
+        source_dsa_compute_layer,
+    )
 
     n = 23
     s = IndexCacheSchedule.from_megatron(n, freq, offset, num_mtp_layers=1)
@@ -54,19 +61,28 @@ def test_hf_default_offset_is_two_when_missing() -> None:
     from transformers import GlmMoeDsaConfig
 
     s = IndexCacheSchedule.from_hf_config({"num_hidden_layers": 12, "index_topk_freq": 3})
-    assert list(s.indexer_types) == GlmMoeDsaConfig(num_hidden_layers=12, index_topk_freq=3).indexer_types
+    assert (
+        list(s.indexer_types)
+        == GlmMoeDsaConfig(num_hidden_layers=12, index_topk_freq=3).indexer_types
+    )
     assert s.index_skip_topk_offset == 2
 
 
 def test_megatron_clamps_offset_zero_to_one() -> None:
-    assert IndexCacheSchedule.from_megatron(8, 2, None).indexer_types == IndexCacheSchedule.from_freq_offset(8, 2, 1).indexer_types
+    assert (
+        IndexCacheSchedule.from_megatron(8, 2, None).indexer_types
+        == IndexCacheSchedule.from_freq_offset(8, 2, 1).indexer_types
+    )
     assert IndexCacheSchedule.from_megatron(8, 2, 0).index_skip_topk_offset == 1
 
 
 def test_our_yaml_requires_offset() -> None:
     with pytest.raises(ScheduleError, match="explicit index_skip_topk_offset"):
         IndexCacheSchedule.from_keys(8, index_topk_freq=4)
-    assert IndexCacheSchedule.from_keys(8, index_topk_freq=4, index_skip_topk_offset=3).pattern == "FFFSSSFS"
+    assert (
+        IndexCacheSchedule.from_keys(8, index_topk_freq=4, index_skip_topk_offset=3).pattern
+        == "FFFSSSFS"
+    )
 
 
 @pytest.mark.parametrize("pattern,mtp", [(GLM5_SEARCHED, 1), (PAPER_30B, 0), ("F" * 10, 1)])
@@ -89,7 +105,11 @@ def test_periodic_exports_freq_offset_and_transformers_agrees() -> None:
 
     s = IndexCacheSchedule.from_freq_offset(78, 4, 3, 1)
     keys = s.to_hf_config()
-    assert (keys["index_topk_freq"], keys["index_skip_topk_offset"], keys["index_topk_pattern"]) == (4, 3, None)
+    assert (
+        keys["index_topk_freq"],
+        keys["index_skip_topk_offset"],
+        keys["index_topk_pattern"],
+    ) == (4, 3, None)
     assert GlmMoeDsaConfig(num_hidden_layers=78, **keys).indexer_types == list(s.indexer_types)
     # A pattern that happens to be periodic is recognised as such.
     assert IndexCacheSchedule.from_pattern(s.pattern, 78, 1).to_hf_config()["index_topk_freq"] == 4
@@ -97,14 +117,30 @@ def test_periodic_exports_freq_offset_and_transformers_agrees() -> None:
 
 def test_precedence_and_conflicts() -> None:
     types = ["full", "shared", "full", "shared"]
-    s = IndexCacheSchedule.from_hf_config({"num_hidden_layers": 4, "indexer_types": types, "index_topk_pattern": "FSFS"})
+    s = IndexCacheSchedule.from_hf_config(
+        {"num_hidden_layers": 4, "indexer_types": types, "index_topk_pattern": "FSFS"}
+    )
     assert list(s.indexer_types) == types
     with pytest.raises(ScheduleError, match="disagrees"):
-        IndexCacheSchedule.from_hf_config({"num_hidden_layers": 4, "indexer_types": types, "index_topk_pattern": "FFSS"})
+        IndexCacheSchedule.from_hf_config(
+            {"num_hidden_layers": 4, "indexer_types": types, "index_topk_pattern": "FFSS"}
+        )
     with pytest.raises(ScheduleError, match="disagrees"):
-        IndexCacheSchedule.from_hf_config({"num_hidden_layers": 4, "index_topk_pattern": "FFSS", "index_topk_freq": 2, "index_skip_topk_offset": 1})
+        IndexCacheSchedule.from_hf_config(
+            {
+                "num_hidden_layers": 4,
+                "index_topk_pattern": "FFSS",
+                "index_topk_freq": 2,
+                "index_skip_topk_offset": 1,
+            }
+        )
     # freq 1 is neutral next to a pattern (our own export writes it so).
-    assert IndexCacheSchedule.from_hf_config({"num_hidden_layers": 4, "index_topk_pattern": "FFSS", "index_topk_freq": 1}).pattern == "FFSS"
+    assert (
+        IndexCacheSchedule.from_hf_config(
+            {"num_hidden_layers": 4, "index_topk_pattern": "FFSS", "index_topk_freq": 1}
+        ).pattern
+        == "FFSS"
+    )
 
 
 @pytest.mark.parametrize(
@@ -136,7 +172,12 @@ def test_shared_mtp_layer_reuses_trunk() -> None:
 
 
 def test_share_for_mtp_iteration_is_carried_not_interpreted() -> None:
-    cfg = {"num_hidden_layers": 8, "index_topk_freq": 2, "index_skip_topk_offset": 1, "index_share_for_mtp_iteration": True}
+    cfg = {
+        "num_hidden_layers": 8,
+        "index_topk_freq": 2,
+        "index_skip_topk_offset": 1,
+        "index_share_for_mtp_iteration": True,
+    }
     s = IndexCacheSchedule.from_hf_config(cfg, num_mtp_layers=1)
     assert s.to_hf_config()["index_share_for_mtp_iteration"] is True
     assert s.mtp_indexer_types == IndexCacheSchedule.from_freq_offset(8, 2, 1, 1).mtp_indexer_types
@@ -146,9 +187,13 @@ def test_mtp_role_follows_freq_offset_when_list_covers_trunk_only() -> None:
     # transformers' config.json carries indexer_types (trunk only) *and* the freq/offset it came from.
     from transformers import GlmMoeDsaConfig
 
-    cfg = GlmMoeDsaConfig(num_hidden_layers=4, index_topk_freq=2, index_skip_topk_offset=2).to_dict()
+    cfg = GlmMoeDsaConfig(
+        num_hidden_layers=4, index_topk_freq=2, index_skip_topk_offset=2
+    ).to_dict()
     s = IndexCacheSchedule.from_hf_config(cfg, num_mtp_layers=1)
     assert s.pattern == "FFSF" and s.mtp_indexer_types == ("shared",) and s.source(4) == 3
     # Without freq/offset a trunk-only list keeps MTP layers Full (SGLang's is_nextn rule).
-    only_types = IndexCacheSchedule.from_hf_config({"num_hidden_layers": 4, "indexer_types": cfg["indexer_types"]}, 1)
+    only_types = IndexCacheSchedule.from_hf_config(
+        {"num_hidden_layers": 4, "indexer_types": cfg["indexer_types"]}, 1
+    )
     assert only_types.mtp_indexer_types == ("full",)
