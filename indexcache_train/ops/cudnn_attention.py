@@ -53,7 +53,9 @@ def _probe(D: int, V: int, dtype: torch.dtype, device: torch.device) -> bool:
     try:
         with torch.enable_grad():
             g = torch.Generator(device=device).manual_seed(0)
-            q, k = (torch.randn(1, 256, 2, D, device=device, dtype=dtype, generator=g) for _ in "qk")
+            q, k = (
+                torch.randn(1, 256, 2, D, device=device, dtype=dtype, generator=g) for _ in "qk"
+            )
             v = torch.randn(1, 256, 2, V, device=device, dtype=dtype, generator=g)
             q.requires_grad_()
             out, lse = _cudnn_call(q, k.requires_grad_(), v.requires_grad_(), D**-0.5)

@@ -7,9 +7,10 @@ Plain causal attention goes to cuDNN (:mod:`indexcache_train.ops.cudnn_attention
 Algorithm (FlashAttention-2)
     Forward: one program per (``BLOCK_M`` query rows, batch*head). The rows' union key window
     ``[min key_start, max query_index]`` is scanned in ``BLOCK_N`` key tiles with an online softmax
-    (base-2 exponentials, scale folded into log2 space); the element mask ``key_start <= t <=
-    query_index`` is applied in every tile, so any per-row range is exact while tile skipping
-    happens at block granularity. MLA head dims are sums of two powers of two (qk 192 = 128 + 64,
+    (base-2 exponentials, scale folded into log2 space). Tiles inside every row's range
+    (``max key_start <= tile``, ``tile end <= min query_index``: below the causal diagonal, inside
+    one document) run without any mask; the others apply the element mask ``key_start <= t <=
+    query_index``, so any per-row range is exact while tile skipping is at block granularity. MLA head dims are sums of two powers of two (qk 192 = 128 + 64,
     256 = 256): Q/K are loaded as two column tiles and the two dots summed, instead of padding.
     Saves only O and the LSE (natural log of the scaled logits, ``[B, S, H]`` fp32; ``-inf`` and a
     zero output for rows with no valid key).
@@ -17,7 +18,8 @@ Algorithm (FlashAttention-2)
     Backward: ``delta = rowsum(dO * O)`` (fp32); one kernel per key tile accumulates dK, dV over
     the query blocks that can see the tile (a ``[first, last]`` query-block range per key tile,
     computed from per-block ``max query_index`` / ``min key_start``), one kernel per query block
-    accumulates dQ over its key window. No atomics: deterministic.
+    accumulates dQ over its key window (interior tiles unmasked, as in the forward). No atomics:
+    deterministic.
 
 Accumulation
     bf16 tensor-core products with fp32 accumulators; softmax statistics, LSE, delta in fp32;
@@ -36,7 +38,15 @@ import triton
 import triton.language as tl
 
 from indexcache_train.ops.masking import KeyRange
-from indexcache_train.ops.triton_common import INTERPRET, LN2, LOG2E, is_pow2, mma, split_pow2
+from indexcache_train.ops.triton_common import (
+    INTERPRET,
+    LN2,
+    LOG2E,
+    cast,
+    is_pow2,
+    mma,
+    split_pow2,
+)
 
 LN2_C: tl.constexpr = tl.constexpr(LN2)
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
@@ -52,6 +62,61 @@ def _fwd_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
     ]
+
+
+@triton.jit
+def _fwd_tile(
+    qa, qb, m_i, l_i, acc, k_base, v_base, n0, ks, qi, T, stride_kt, stride_vt, scale_log2,
+    offs_a, offs_b, offs_v,
+    DB: tl.constexpr, MASK: tl.constexpr, INTERP: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the online softmax. ``MASK=False`` only for interior tiles, where every
+    row of the block may see every key of the tile (no range test, no bounds test)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    rows_n = offs_n.to(tl.int64)[:, None]
+    if MASK:
+        n_ok = (offs_n < T)[:, None]
+        ka = tl.load(k_base + rows_n * stride_kt + offs_a[None, :], mask=n_ok, other=0.0)
+    else:
+        ka = tl.load(k_base + rows_n * stride_kt + offs_a[None, :])
+    s = mma(qa, tl.trans(ka), INTERP)
+    if DB > 0:
+        if MASK:
+            kb = tl.load(k_base + rows_n * stride_kt + offs_b[None, :], mask=n_ok, other=0.0)
+        else:
+            kb = tl.load(k_base + rows_n * stride_kt + offs_b[None, :])
+        s += mma(qb, tl.trans(kb), INTERP)
+    if MASK:
+        valid = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] <= qi[:, None])
+        s = tl.where(valid, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with no valid key so far keep m = -inf; shift by 0 there so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        v = tl.load(v_base + rows_n * stride_vt + offs_v[None, :], mask=n_ok, other=0.0)
+    else:
+        s = s * scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+        v = tl.load(v_base + rows_n * stride_vt + offs_v[None, :])
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(cast(p, v.dtype, INTERP), v, INTERP)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _interior(start, lo_rows, hi_rows, end, BLOCK_N: tl.constexpr):
+    """``[a, b)``: the tiles (on the grid ``start + j*BLOCK_N``) inside every row's key range.
+
+    ``lo_rows`` = the largest key_start of the block, ``hi_rows`` = its smallest query_index;
+    tiles outside ``[a, b)`` (the diagonal, document edges) take the masked path.
+    """
+    a = start + tl.cdiv(tl.maximum(lo_rows - start, 0), BLOCK_N) * BLOCK_N
+    a = tl.minimum(a, end)
+    b = start + tl.maximum(hi_rows + 1 - start, 0) // BLOCK_N * BLOCK_N
+    b = tl.minimum(tl.maximum(b, a), end)
+    return a, b
 
 
 @triton.autotune(configs=_fwd_configs(), key=["DA", "DB", "DV", "H"])
@@ -105,45 +170,52 @@ def _attn_fwd_kernel(
 
     offs_a = tl.arange(0, DA)
     offs_v = tl.arange(0, DV)
-    q_row = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
+    q_row = q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qs
     qa = tl.load(q_row + offs_a[None, :], mask=row_ok[:, None], other=0.0)
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
         qb = tl.load(q_row + offs_b[None, :], mask=row_ok[:, None], other=0.0)
+    else:  # unused placeholders (a zero-width block is not allowed)
+        offs_b = offs_a
+        qb = qa
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    for n0 in range(start, hi + 1, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < T
-        ka = tl.load(k_base + offs_n[:, None] * stride_kt + offs_a[None, :], mask=n_ok[:, None], other=0.0)
-        s = mma(qa, tl.trans(ka), INTERP)
-        if DB > 0:
-            kb = tl.load(
-                k_base + offs_n[:, None] * stride_kt + offs_b[None, :], mask=n_ok[:, None], other=0.0
-            )
-            s += mma(qb, tl.trans(kb), INTERP)
-        valid = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] <= qi[:, None])
-        s = tl.where(valid, s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with no valid key so far keep m = -inf; shift by 0 there so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_v[None, :], mask=n_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, INTERP)
-        m_i = m_new
+    end = hi + 1
+    ia, ib = _interior(
+        start, tl.max(ks, axis=0), tl.minimum(tl.min(qi, axis=0), T - 1), end, BLOCK_N
+    )
+    for n0 in range(start, ia, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(
+            qa, qb, m_i, l_i, acc, k_base, v_base, n0, ks, qi, T, stride_kt, stride_vt, scale_log2,
+            offs_a, offs_b, offs_v, DB, True, INTERP, BLOCK_N,
+        )  # fmt: skip
+    for n0 in range(ia, ib, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(
+            qa, qb, m_i, l_i, acc, k_base, v_base, n0, ks, qi, T, stride_kt, stride_vt, scale_log2,
+            offs_a, offs_b, offs_v, DB, False, INTERP, BLOCK_N,
+        )  # fmt: skip
+    for n0 in range(ib, end, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(
+            qa, qb, m_i, l_i, acc, k_base, v_base, n0, ks, qi, T, stride_kt, stride_vt, scale_log2,
+            offs_a, offs_b, offs_v, DB, True, INTERP, BLOCK_N,
+        )  # fmt: skip
 
     has = l_i > 0.0
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2_C, float("-inf"))
-    o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_v[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + b * stride_lb + offs_m * stride_ls + h, lse, mask=row_ok)
+    o_ptrs = (
+        o_ptr
+        + b * stride_ob
+        + h * stride_oh
+        + offs_m.to(tl.int64)[:, None] * stride_os
+        + offs_v[None, :]
+    )
+    tl.store(o_ptrs, cast(out, o_ptr.dtype.element_ty, INTERP), mask=row_ok[:, None])
+    tl.store(lse_ptr + b * stride_lb + offs_m.to(tl.int64) * stride_ls + h, lse, mask=row_ok)
 
 
 @triton.jit
@@ -170,12 +242,20 @@ def _attn_bwd_delta_kernel(
     offs_v = tl.arange(0, DV)
     row_ok = offs_m < S
     o = tl.load(
-        o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_v[None, :],
+        o_ptr
+        + b * stride_ob
+        + h * stride_oh
+        + offs_m.to(tl.int64)[:, None] * stride_os
+        + offs_v[None, :],
         mask=row_ok[:, None],
         other=0.0,
     ).to(tl.float32)
     do = tl.load(
-        do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_v[None, :],
+        do_ptr
+        + b * stride_db
+        + h * stride_dh
+        + offs_m.to(tl.int64)[:, None] * stride_ds
+        + offs_v[None, :],
         mask=row_ok[:, None],
         other=0.0,
     ).to(tl.float32)
@@ -252,13 +332,17 @@ def _attn_bwd_dkdv_kernel(
     n_ok = offs_n < T
     offs_a = tl.arange(0, DA)
     offs_v = tl.arange(0, DV)
-    k_base = k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt
+    k_base = k_ptr + b * stride_kb + h * stride_kh + offs_n.to(tl.int64)[:, None] * stride_kt
     ka = tl.load(k_base + offs_a[None, :], mask=n_ok[:, None], other=0.0)
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
         kb = tl.load(k_base + offs_b[None, :], mask=n_ok[:, None], other=0.0)
     v = tl.load(
-        v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_v[None, :],
+        v_ptr
+        + b * stride_vb
+        + h * stride_vh
+        + offs_n.to(tl.int64)[:, None] * stride_vt
+        + offs_v[None, :],
         mask=n_ok[:, None],
         other=0.0,
     )
@@ -284,36 +368,101 @@ def _attn_bwd_dkdv_kernel(
         row_ok = offs_m < S
         qi = tl.load(qi_ptr + b * stride_rb + offs_m, mask=row_ok, other=-1).to(tl.int32)
         ks = tl.load(ks_ptr + b * stride_rb + offs_m, mask=row_ok, other=2**30).to(tl.int32)
-        qa = tl.load(q_head + offs_m[:, None] * stride_qs + offs_a[None, :], mask=row_ok[:, None], other=0.0)
+        qa = tl.load(
+            q_head + offs_m.to(tl.int64)[:, None] * stride_qs + offs_a[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
         # s^T [BLOCK_N, BLOCK_M]: keys on rows so dK/dV accumulate without transposing P.
         st = mma(ka, tl.trans(qa), INTERP)
         if DB > 0:
             qb = tl.load(
-                q_head + offs_m[:, None] * stride_qs + offs_b[None, :], mask=row_ok[:, None], other=0.0
+                q_head + offs_m.to(tl.int64)[:, None] * stride_qs + offs_b[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
             )
             st += mma(kb, tl.trans(qb), INTERP)
-        lse2 = tl.load(lse_ptr + b * stride_lb + offs_m * stride_ls + h, mask=row_ok, other=0.0) * LOG2E_C
+        lse2 = (
+            tl.load(
+                lse_ptr + b * stride_lb + offs_m.to(tl.int64) * stride_ls + h,
+                mask=row_ok,
+                other=0.0,
+            )
+            * LOG2E_C
+        )
         valid = (offs_n[:, None] >= ks[None, :]) & (offs_n[:, None] <= qi[None, :])
         # Rows with lse = -inf have no valid key, so `valid` is already False for all of them.
         pt = tl.where(valid, tl.exp2(st * scale_log2 - lse2[None, :]), 0.0)
-        do = tl.load(do_head + offs_m[:, None] * stride_dos + offs_v[None, :], mask=row_ok[:, None], other=0.0)
-        dv += mma(pt.to(do.dtype), do, INTERP)
+        do = tl.load(
+            do_head + offs_m.to(tl.int64)[:, None] * stride_dos + offs_v[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        dv += mma(cast(pt, do.dtype, INTERP), do, INTERP)
         dpt = mma(v, tl.trans(do), INTERP)
         delta = tl.load(delta_ptr + (b * H + h) * S + offs_m, mask=row_ok, other=0.0)
-        dst = (pt * (dpt - delta[None, :])).to(qa.dtype)
+        dst = cast(pt * (dpt - delta[None, :]), qa.dtype, INTERP)
         dk_a += mma(dst, qa, INTERP)
         if DB > 0:
             dk_b += mma(dst, qb, INTERP)
 
-    dk_base = dk_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt
-    tl.store(dk_base + offs_a[None, :], (dk_a * scale).to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
-    if DB > 0:
-        tl.store(dk_base + offs_b[None, :], (dk_b * scale).to(dk_ptr.dtype.element_ty), mask=n_ok[:, None])
+    dk_base = dk_ptr + b * stride_kb + h * stride_kh + offs_n.to(tl.int64)[:, None] * stride_kt
     tl.store(
-        dv_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_v[None, :],
-        dv.to(dv_ptr.dtype.element_ty),
+        dk_base + offs_a[None, :],
+        cast(dk_a * scale, dk_ptr.dtype.element_ty, INTERP),
         mask=n_ok[:, None],
     )
+    if DB > 0:
+        tl.store(
+            dk_base + offs_b[None, :],
+            cast(dk_b * scale, dk_ptr.dtype.element_ty, INTERP),
+            mask=n_ok[:, None],
+        )
+    tl.store(
+        dv_ptr
+        + b * stride_vb
+        + h * stride_vh
+        + offs_n.to(tl.int64)[:, None] * stride_vt
+        + offs_v[None, :],
+        cast(dv, dv_ptr.dtype.element_ty, INTERP),
+        mask=n_ok[:, None],
+    )
+
+
+@triton.jit
+def _dq_tile(
+    qa, qb, do, lse2, delta, dq_a, dq_b, k_base, v_base, n0, ks, qi, T, stride_kt, stride_vt,
+    scale_log2, offs_a, offs_b, offs_v,
+    DB: tl.constexpr, MASK: tl.constexpr, INTERP: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One key tile of dQ; ``MASK=False`` for interior tiles (see :func:`_fwd_tile`)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    rows_n = offs_n.to(tl.int64)[:, None]
+    if MASK:
+        n_ok = (offs_n < T)[:, None]
+        ka = tl.load(k_base + rows_n * stride_kt + offs_a[None, :], mask=n_ok, other=0.0)
+        v = tl.load(v_base + rows_n * stride_vt + offs_v[None, :], mask=n_ok, other=0.0)
+    else:
+        ka = tl.load(k_base + rows_n * stride_kt + offs_a[None, :])
+        v = tl.load(v_base + rows_n * stride_vt + offs_v[None, :])
+    s = mma(qa, tl.trans(ka), INTERP)
+    if DB > 0:
+        if MASK:
+            kb = tl.load(k_base + rows_n * stride_kt + offs_b[None, :], mask=n_ok, other=0.0)
+        else:
+            kb = tl.load(k_base + rows_n * stride_kt + offs_b[None, :])
+        s += mma(qb, tl.trans(kb), INTERP)
+    if MASK:
+        valid = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] <= qi[:, None])
+        p = tl.where(valid, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+    else:
+        p = tl.exp2(s * scale_log2 - lse2[:, None])
+    dp = mma(do, tl.trans(v), INTERP)
+    ds = cast(p * (dp - delta[:, None]), qa.dtype, INTERP)
+    dq_a += mma(ds, ka, INTERP)
+    if DB > 0:
+        dq_b += mma(ds, kb, INTERP)
+    return dq_a, dq_b
 
 
 @triton.autotune(configs=_bwd_configs(), key=["DA", "DB", "DV", "H"])
@@ -370,52 +519,80 @@ def _attn_bwd_dq_kernel(
 
     offs_a = tl.arange(0, DA)
     offs_v = tl.arange(0, DV)
-    q_row = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
+    q_row = q_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qs
     qa = tl.load(q_row + offs_a[None, :], mask=row_ok[:, None], other=0.0)
     if DB > 0:
         offs_b = DA + tl.arange(0, DB)
         qb = tl.load(q_row + offs_b[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(
-        do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_v[None, :],
+        do_ptr
+        + b * stride_dob
+        + h * stride_doh
+        + offs_m.to(tl.int64)[:, None] * stride_dos
+        + offs_v[None, :],
         mask=row_ok[:, None],
         other=0.0,
     )
-    lse2 = tl.load(lse_ptr + b * stride_lb + offs_m * stride_ls + h, mask=row_ok, other=0.0) * LOG2E_C
+    lse2 = (
+        tl.load(
+            lse_ptr + b * stride_lb + offs_m.to(tl.int64) * stride_ls + h, mask=row_ok, other=0.0
+        )
+        * LOG2E_C
+    )
     delta = tl.load(delta_ptr + (b * H + h) * S + offs_m, mask=row_ok, other=0.0)
 
     dq_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     if DB > 0:
         dq_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    else:  # unused placeholders (a zero-width block is not allowed)
+        offs_b = offs_a
+        qb = qa
+        dq_b = dq_a
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    for n0 in range(start, hi + 1, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < T
-        ka = tl.load(k_base + offs_n[:, None] * stride_kt + offs_a[None, :], mask=n_ok[:, None], other=0.0)
-        s = mma(qa, tl.trans(ka), INTERP)
-        if DB > 0:
-            kb = tl.load(
-                k_base + offs_n[:, None] * stride_kt + offs_b[None, :], mask=n_ok[:, None], other=0.0
-            )
-            s += mma(qb, tl.trans(kb), INTERP)
-        valid = (offs_n[None, :] >= ks[:, None]) & (offs_n[None, :] <= qi[:, None])
-        p = tl.where(valid, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_v[None, :], mask=n_ok[:, None], other=0.0)
-        dp = mma(do, tl.trans(v), INTERP)
-        ds = (p * (dp - delta[:, None])).to(qa.dtype)
-        dq_a += mma(ds, ka, INTERP)
-        if DB > 0:
-            dq_b += mma(ds, kb, INTERP)
+    end = hi + 1
+    ia, ib = _interior(
+        start, tl.max(ks, axis=0), tl.minimum(tl.min(qi, axis=0), T - 1), end, BLOCK_N
+    )
+    for n0 in range(start, ia, BLOCK_N):
+        dq_a, dq_b = _dq_tile(
+            qa, qb, do, lse2, delta, dq_a, dq_b, k_base, v_base, n0, ks, qi, T, stride_kt,
+            stride_vt, scale_log2, offs_a, offs_b, offs_v, DB, True, INTERP, BLOCK_N,
+        )  # fmt: skip
+    for n0 in range(ia, ib, BLOCK_N):
+        dq_a, dq_b = _dq_tile(
+            qa, qb, do, lse2, delta, dq_a, dq_b, k_base, v_base, n0, ks, qi, T, stride_kt,
+            stride_vt, scale_log2, offs_a, offs_b, offs_v, DB, False, INTERP, BLOCK_N,
+        )  # fmt: skip
+    for n0 in range(ib, end, BLOCK_N):
+        dq_a, dq_b = _dq_tile(
+            qa, qb, do, lse2, delta, dq_a, dq_b, k_base, v_base, n0, ks, qi, T, stride_kt,
+            stride_vt, scale_log2, offs_a, offs_b, offs_v, DB, True, INTERP, BLOCK_N,
+        )  # fmt: skip
 
-    dq_base = dq_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
-    tl.store(dq_base + offs_a[None, :], (dq_a * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+    dq_base = dq_ptr + b * stride_qb + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qs
+    tl.store(
+        dq_base + offs_a[None, :],
+        cast(dq_a * scale, dq_ptr.dtype.element_ty, INTERP),
+        mask=row_ok[:, None],
+    )
     if DB > 0:
-        tl.store(dq_base + offs_b[None, :], (dq_b * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(
+            dq_base + offs_b[None, :],
+            cast(dq_b * scale, dq_ptr.dtype.element_ty, INTERP),
+            mask=row_ok[:, None],
+        )
 
 
-def _check_dims(q_BSHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHV: torch.Tensor) -> tuple[int, int, int]:
+def _check_dims(
+    q_BSHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHV: torch.Tensor
+) -> tuple[int, int, int]:
     D, V = q_BSHD.shape[-1], v_BTHV.shape[-1]
-    if k_BTHD.shape[-1] != D or k_BTHD.shape[2] != q_BSHD.shape[2] or v_BTHV.shape[2] != q_BSHD.shape[2]:
+    if (
+        k_BTHD.shape[-1] != D
+        or k_BTHD.shape[2] != q_BSHD.shape[2]
+        or v_BTHV.shape[2] != q_BSHD.shape[2]
+    ):
         raise ValueError("dense attention kernel expects q/k/v with equal head counts and qk dims")
     if not is_pow2(V) or V < 16:
         raise ValueError(f"value head dim {V} must be a power of two >= 16")

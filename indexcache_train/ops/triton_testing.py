@@ -17,8 +17,8 @@ from indexcache_train.ops.masking import KeyRange
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     """``||x - ref|| / ||ref||`` over finite reference entries (``-inf`` LSE rows compared apart)."""
-    ref = ref.double()
-    x = x.double()
+    ref = ref.detach().double()
+    x = x.detach().double()
     keep = torch.isfinite(ref)
     num = (x[keep] - ref[keep]).norm()
     return float(num / ref[keep].norm().clamp_min(1e-30))
@@ -68,7 +68,7 @@ def sparse_mla_bf16_fwd_bwd(
     Query chunks are independent in the forward, so running backward per chunk and letting
     autograd accumulate ``kv.grad`` (in bf16, as a bf16 training step would) equals one backward.
     """
-    B, S, H, _ = q_BSHD.shape
+    B, S = q_BSHD.shape[:2]
     kv = kv_BTD.detach().clone().requires_grad_()
     outs, lses, dqs = [], [], []
     for s0 in range(0, S, chunk):
@@ -146,7 +146,7 @@ def topk_agreement(
     row's k-th (smallest selected) reference score: a tie the two implementations may break
     differently. ``-1`` slots must agree exactly in number per row.
     """
-    B, S, K = idx_BSK.shape
+    B, S = idx_BSK.shape[:2]
     valid = idx_BSK >= 0
     rvalid = ref_BSK >= 0
     if not torch.equal(valid.sum(-1), rvalid.sum(-1)):
@@ -164,3 +164,150 @@ def topk_agreement(
     got = torch.gather(scores_BST, -1, torch.where(valid, idx_BSK.long(), 0))
     bad = misses & ((got - kth).abs() > tol)
     return recall, int(misses.sum()), int(bad.sum())
+
+
+# ----------------------------------------------------------------------------- checks
+# Each check draws fresh random bf16 inputs, runs the kernel, the fp32 reference (on fp32 copies of
+# the same inputs) and the bf16 PyTorch baseline, and returns plain numbers for the test to assert.
+
+
+def _fresh(
+    shape: tuple[int, ...], device: torch.device | str, gen: torch.Generator
+) -> torch.Tensor:
+    return torch.randn(shape, device=device, generator=gen).to(torch.bfloat16)
+
+
+def check_dense(
+    impl,
+    B: int,
+    S: int,
+    T: int,
+    H: int,
+    D: int,
+    V: int,
+    key_range: KeyRange | None,
+    device: torch.device | str,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Errors of ``impl(q, k, v, scale, key_range) -> (out, lse)`` forward and backward."""
+    from indexcache_train.ops.dense_attention_reference import dense_attention_reference
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (
+        _fresh((B, S, H, D), device, gen),
+        _fresh((B, T, H, D), device, gen),
+        _fresh((B, T, H, V), device, gen),
+    )
+    dout = _fresh((B, S, H, V), device, gen)
+    scale = D**-0.5
+    res: dict[str, float] = {}
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = impl(*leaves, scale, key_range)
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    out_r, lse_r = dense_attention_reference(*ref_leaves, scale, key_range)
+    grads_r = torch.autograd.grad(out_r, ref_leaves, dout.float())
+    bf_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out_b, lse_b = dense_attention_bf16(*bf_leaves, scale, key_range)
+    grads_b = torch.autograd.grad(out_b, bf_leaves, dout)
+    names = ("out", "lse", "dq", "dk", "dv")
+    for name, x, xr, xb in zip(
+        names, (out, lse, *grads), (out_r, lse_r, *grads_r), (out_b, lse_b, *grads_b)
+    ):
+        res[name] = rel_err(x, xr)
+        res[name + "_bf16"] = rel_err(xb, xr)
+    res["lse_inf_ok"] = float(same_inf(lse, lse_r))
+    res["lse_shape_ok"] = float(tuple(lse.shape) == (B, S, H) and lse.dtype == torch.float32)
+    return res
+
+
+def check_sparse_mla(
+    impl,
+    B: int,
+    S: int,
+    T: int,
+    H: int,
+    D: int,
+    V: int,
+    K: int,
+    key_range: KeyRange | None,
+    device: torch.device | str,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Errors of ``impl(q, kv, idx, scale, v_dim) -> (out, lse)`` forward and backward."""
+    from indexcache_train.ops.sparse_mla_reference import sparse_mla_reference
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, kv = _fresh((B, S, H, D), device, gen), _fresh((B, T, D), device, gen)
+    dout = _fresh((B, S, H, V), device, gen)
+    if key_range is None:
+        key_range = KeyRange.causal(B, S, device)
+    idx = causal_topk_indices(B, S, K, device, key_range, gen)
+    scale = D**-0.5
+    q_l, kv_l = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    out, lse = impl(q_l, kv_l, idx, scale, V)
+    dq, dkv = torch.autograd.grad(out, (q_l, kv_l), dout)
+    q_r, kv_r = q.float().requires_grad_(), kv.float().requires_grad_()
+    out_r, lse_r = sparse_mla_reference(q_r, kv_r, idx, scale, V)
+    dq_r, dkv_r = torch.autograd.grad(out_r, (q_r, kv_r), dout.float())
+    out_b, lse_b, dq_b, dkv_b = sparse_mla_bf16_fwd_bwd(q, kv, idx, scale, V, dout)
+    res: dict[str, float] = {}
+    for name, x, xr, xb in zip(
+        ("out", "lse", "dq", "dkv"),
+        (out, lse, dq, dkv),
+        (out_r, lse_r, dq_r, dkv_r),
+        (out_b, lse_b, dq_b, dkv_b),
+    ):
+        res[name] = rel_err(x, xr)
+        res[name + "_bf16"] = rel_err(xb, xr)
+    res["lse_inf_ok"] = float(same_inf(lse, lse_r))
+    res["rows_with_empty_slots"] = float(((idx < 0).any(-1)).sum())
+    return res
+
+
+def check_indexer(
+    impl,
+    B: int,
+    S: int,
+    T: int,
+    I: int,  # noqa: E741 - the legend's indexer-head letter
+    D: int,
+    K: int,
+    key_range: KeyRange | None,
+    device: torch.device | str,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Top-k agreement of ``impl(q, k, w, topk, scale, key_range)`` and its score error.
+
+    Scores come from :func:`~indexcache_train.ops.triton_indexer.indexer_scores_triton` (the same
+    kernel the top-k path runs); a top-k mismatch counts as a tie only if the two reference
+    scores are within twice that kernel's measured maximum score error.
+    """
+    from indexcache_train.ops.indexer_reference import indexer_logits, indexer_topk_reference
+    from indexcache_train.ops.triton_indexer import indexer_scores_triton
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k = _fresh((B, S, I, D), device, gen), _fresh((B, T, D), device, gen)
+    w = torch.randn(B, S, I, device=device, generator=gen) * I**-0.5
+    scale = D**-0.5
+    kr = key_range or KeyRange.causal(B, S, device)
+    mask = kr.dense_mask(T)
+    ref = indexer_logits(q.float(), k.float(), w, scale).masked_fill(~mask, float("-inf"))
+    got = indexer_scores_triton(q, k, w, scale, key_range)
+    bf = indexer_scores_bf16(q, k, w, scale).float().masked_fill(~mask, float("-inf"))
+    fin = torch.isfinite(ref)
+    max_err = float((got - ref)[fin].abs().max()) if bool(fin.any()) else 0.0
+    idx = impl(q, k, w, K, scale, key_range)
+    idx_r = indexer_topk_reference(q.float(), k.float(), w, K, scale, key_range)
+    recall, misses, bad = topk_agreement(idx, idx_r, ref, tol=2 * max_err + 1e-6)
+    return {
+        "scores": rel_err(got, ref),
+        "scores_bf16": rel_err(bf, ref),
+        "scores_inf_ok": float(same_inf(got, ref)),
+        "recall": recall,
+        "misses": float(misses),
+        "misses_not_ties": float(bad),
+        "shape_ok": float(tuple(idx.shape) == (B, S, min(K, T)) and idx.dtype == torch.int32),
+        "empty_slots": float((idx < 0).sum()),
+        "empty_slots_ref": float((idx_r < 0).sum()),
+    }

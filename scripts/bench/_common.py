@@ -1,0 +1,117 @@
+"""Timing, memory and table helpers shared by the kernel benchmarks (CUDA only)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+GIB = float(1 << 30)
+OOM = "OOM"
+
+
+def time_ms(
+    fn: Callable[[], object], budget_ms: float = 400.0, min_reps: int = 3, max_reps: int = 50
+) -> float:
+    """Median wall time of ``fn`` in ms over CUDA events, after one warm-up call.
+
+    The repeat count adapts to the first timed call so large sizes stay inside the lease.
+    """
+    fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    n = min_reps
+    i = 0
+    while i < n:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+        if i == 0:
+            n = max(min_reps, min(max_reps, int(budget_ms / max(times[0], 1e-3))))
+        i += 1
+    return statistics.median(times)
+
+
+def peak_gib(fn: Callable[[], object]) -> float:
+    """Peak allocated GiB (inputs included) while ``fn`` runs once."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / GIB
+
+
+def attempt(fn: Callable[[], object]) -> object:
+    """``fn()`` or the string ``"OOM"`` when the GPU runs out of memory (then frees the cache)."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return OOM
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def fmt(x: object, digits: int = 1) -> str:
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def device_line() -> str:
+    p = torch.cuda.get_device_properties(0)
+    return f"{p.name} ({p.total_memory / GIB:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
+def git_rev() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        rev = ""
+    return (rev or "unknown") + "+uncommitted"
+
+
+def autotune_report(*kernels: object) -> str:
+    """The config each autotuned kernel picked, per autotune key (printed with the tables)."""
+    lines = []
+    for k in kernels:
+        name = getattr(getattr(k, "fn", None), "__name__", str(k))
+        for key, cfg in getattr(k, "cache", {}).items():
+            lines.append(f"{name} {key[:6]}: {cfg}")
+    return "\n".join(lines)
+
+
+def save(name: str, payload: dict) -> None:
+    """Write ``payload`` as JSON under ``$BENCH_JSON_DIR`` (default ``outputs/bench``).
+
+    Not ``$OUT`` on the device: that folder returns at most 8 files, kept for the logs.
+    """
+    out = Path(os.environ.get("BENCH_JSON_DIR", REPO / "outputs" / "bench"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
