@@ -71,6 +71,13 @@ tensor_parallel.checkpoint(lambda t: t * 2, False, x).sum().backward()  # Checkp
 """,
         "Torch not compiled with CUDA",
     ),
+    "indexer_grad_norm_group": (
+        """
+from megatron.core.optimizer.optimizer import _validate_grad_norm_group
+_validate_grad_norm_group("indexer")   # MegatronOptimizer.clip_grad_norm validates every tagged group
+""",
+        "Unknown grad_norm_group 'indexer'",
+    ),
     "cuda_streams": (
         """
 compat.model_parallel_seed(0)
