@@ -128,6 +128,7 @@ def test_fix_is_needed(fix: str, repo_root) -> None:
 
 def test_applied_fixes_listed() -> None:
     assert set(compat.applied_fixes()) == {
+        "indexer_grad_norm_group",
         "current_device",
         "cuda_literals",
         "cuda_streams",
