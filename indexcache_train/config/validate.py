@@ -131,7 +131,12 @@ def resolve_model(cfg: TrainConfig) -> Any:
             hf = preset_hf_config(m.preset)  # type: ignore[arg-type]
         except KeyError as e:
             raise ConfigError(str(e)) from None
-    hf = {**hf, **dict(m.overrides)}
+    overrides = dict(m.overrides)
+    if {"num_hidden_layers", "first_k_dense_replace"} & set(overrides):
+        # Lists transformers derives from the layer count would be stale; they are recomputed.
+        for derived in ("mlp_layer_types", "layer_types", "indexer_types"):
+            hf.pop(derived, None)
+    hf = {**hf, **overrides}
     mtp = (
         m.num_mtp_layers
         if m.num_mtp_layers is not None
