@@ -24,6 +24,15 @@ VERBS: dict[str, tuple[str, str]] = {
         "checkpoint_tools.inspect_checkpoint",
         "print the schedule, tensor counts and validation status of an HF checkpoint",
     ),
+    "import": (
+        "checkpoint_tools.import_megatron",
+        "HF checkpoint -> Megatron torch_dist checkpoint",
+    ),
+    "export": (
+        "checkpoint_tools.export_megatron",
+        "Megatron checkpoint -> HF checkpoint, streaming",
+    ),
+    "verify": ("checkpoint_tools.verify", "round trip (L1) and parity with transformers (L2)"),
 }
 
 

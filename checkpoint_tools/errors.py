@@ -95,6 +95,12 @@ class UnsupportedConversionError(CheckpointError):
     kind = "unsupported"
 
 
+class ParallelLayoutError(CheckpointError):
+    """The launch does not fit the requested TP / PP / EP layout (e.g. the world size)."""
+
+    kind = "parallel_layout"
+
+
 @dataclass(frozen=True)
 class CheckpointIssue:
     """One validation finding; ``error`` is the class :meth:`raise_issues` raises for it."""

@@ -124,6 +124,40 @@ def read_dequantized(
     return dequantize_blockwise(ckpt.read_tensor(name), ckpt.read_tensor(scale), block, dtype)
 
 
+def read_dequantized_slice(
+    ckpt: HFCheckpoint,
+    name: str,
+    dim: int,
+    start: int,
+    stop: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``read_dequantized(ckpt, name)`` narrowed to ``[start:stop]`` on ``dim``, reading only
+    the rows / columns needed (a tensor-parallel shard).
+
+    FP8 weights are read block-aligned with the matching rows / columns of their scale (a block
+    is dequantised by its own scale only, so the aligned piece dequantises exactly as the whole
+    tensor would), then cropped to the requested range.
+    """
+    info = ckpt.info(name)
+    if not is_fp8(info.dtype):
+        return ckpt.read_slice(name, dim, start, stop)
+    scale = scale_name(name)
+    if scale not in ckpt:
+        read_dequantized(ckpt, name)  # raises Fp8ScaleMissingError with the shard's name
+    block = block_size_from_config(ckpt.config)
+    size = block[dim]
+    first, last = start // size, math.ceil(stop / size)
+    lo, hi = first * size, min(last * size, info.shape[dim])
+    piece = dequantize_blockwise(
+        ckpt.read_slice(name, dim, lo, hi),
+        ckpt.read_slice(scale, dim, first, last),
+        block,
+        dtype,
+    )
+    return piece.narrow(dim, start - lo, stop - start)
+
+
 def fp8_issues(tensors: Mapping[str, TensorInfo], block: tuple[int, int]) -> list[CheckpointIssue]:
     """Every FP8 weight without a scale of the right shape, and every scale without an FP8 weight."""
     issues = []

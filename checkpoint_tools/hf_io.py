@@ -2,8 +2,9 @@
 
 :class:`HFCheckpoint` lists every tensor (name, shard, dtype, shape) from the shard headers alone,
 validating headers, offsets, file sizes and the index up front (so a truncated download fails
-before a conversion writes anything), and reads single tensors with plain positioned reads: no
-mmap, whose touched pages would count as resident memory until unmapped. Nothing here holds
+before a conversion writes anything), and reads single tensors, or one tensor-parallel slice of
+one (``read_slice``, for ``import`` at TP > 1), with plain positioned reads: no mmap, whose
+touched pages would count as resident memory until unmapped. Nothing here holds
 more than one tensor, so a 1.5 TB GLM-5 checkpoint converts on a login node.
 
 The writer lives in :mod:`checkpoint_tools.shard_writer`; its public names are re-exported here
@@ -13,6 +14,7 @@ so the verbs import all checkpoint I/O from one place.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,6 +38,7 @@ from checkpoint_tools.shard_writer import (
     ShardedCheckpointWriter,
     check_output_dir,
     copy_side_files,
+    move_into_place,
     parse_size,
     plan_shards,
 )
@@ -53,6 +56,7 @@ __all__ = [
     "check_output_dir",
     "copy_side_files",
     "load_config",
+    "move_into_place",
     "parse_size",
     "plan_shards",
 ]
@@ -135,6 +139,30 @@ class HFCheckpoint:
         with info.path.open("rb", buffering=0) as f:
             return _read_info(f, info)
 
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Load ``tensor[..., start:stop, ...]`` (``dim``) without reading the rest of the tensor.
+
+        The tensor is viewed as ``[outer, size(dim), inner]``; each outer row contributes one
+        contiguous byte range, read with a positioned read straight into the result (a TP shard of
+        an embedding reads one range; of a row-parallel weight, one range per row).
+        """
+        info = self.info(name)
+        if not 0 <= dim < len(info.shape) or not 0 <= start <= stop <= info.shape[dim]:
+            raise ValueError(
+                f"slice [{start}:{stop}] on dim {dim} is outside {name} of shape {list(info.shape)}"
+            )
+        outer, inner = math.prod(info.shape[:dim]), math.prod(info.shape[dim + 1 :])
+        esize = info.nbytes // max(info.numel, 1)
+        row_bytes, span = info.shape[dim] * inner * esize, (stop - start) * inner * esize
+        buf = bytearray(outer * span)
+        view = memoryview(buf)
+        with info.path.open("rb", buffering=0) as f:
+            for row in range(outer):
+                offset = info.offset + row * row_bytes + start * inner * esize
+                _read_exact(f, view[row * span : (row + 1) * span], offset, info)
+        shape = (*info.shape[:dim], stop - start, *info.shape[dim + 1 :])
+        return _decode(buf, info.dtype, shape)
+
     def iter_tensors(
         self, names: Sequence[str] | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -214,21 +242,28 @@ def _read_weight_map(index: Path) -> dict[str, str]:
 
 
 def _read_info(f: Any, info: TensorInfo) -> torch.Tensor:
-    import torch
-
-    dtype = torch_dtype(info.dtype)
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=dtype)
     buf = bytearray(info.nbytes)
-    f.seek(info.offset)
-    view = memoryview(buf)
+    _read_exact(f, memoryview(buf), info.offset, info)
+    return _decode(buf, info.dtype, info.shape)
+
+
+def _read_exact(f: Any, view: memoryview, offset: int, info: TensorInfo) -> None:
+    """Fill ``view`` from byte ``offset`` of the open shard ``f``."""
+    f.seek(offset)
     done = 0
-    while done < info.nbytes:
+    while done < len(view):
         n = f.readinto(view[done:])
         if not n:
             raise CorruptShardError(
                 "shard ended inside a tensor", file=str(info.path), tensor=info.name
             )
         done += n
+
+
+def _decode(buf: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
+    if not buf:
+        return torch.empty(shape, dtype=torch_dtype(dtype))
     # Decode through uint8 so every dtype (FP8 included) takes the same path.
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(info.shape)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)

@@ -164,7 +164,7 @@ def plan_conversion(
     init = _resolve_init(family_in, init_missing_indexers, cfg_file)
     config_out = _output_config(config, family_in, family_out, schedule_out, index_dims, cfg_file)
     schedule_out, notes = _read_back(schedule_out, config_out, family_out)
-    notes += _check_family_support(
+    notes += check_family_support(
         family_out, schedule_out, allow_transformers_incompatible, cfg_file
     )
     plan = ConversionPlan(
@@ -219,9 +219,11 @@ def execute_plan(
 
 
 # ---------------------------------------------------------------------- planning steps
-def _check_family_support(
+def check_family_support(
     family: ModelFamily, schedule: IndexCacheSchedule, allow: bool, cfg_file: str
 ) -> list[str]:
+    """Refuse Shared layers for a family transformers 5.17 cannot hold them in (unless
+    ``allow``); returns the note to print when allowed."""
     if family.supports_shared_layers or all(t == "full" for t in schedule.all_types):
         return []
     if not allow:

@@ -265,7 +265,7 @@ class ShardedCheckpointWriter:
             _fsync_tree(tmp)
         if self.before_commit is not None:
             self.before_commit(tmp)
-        _move_into_place(tmp, self.out_dir, self.overwrite)
+        move_into_place(tmp, self.out_dir, self.overwrite)
         self.tmp_dir = None
 
     def _abort(self) -> None:
@@ -359,7 +359,9 @@ def _fsync_tree(directory: Path) -> None:
         os.close(fd)
 
 
-def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+def move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` (only with
+    ``overwrite``) is moved aside first and put back if the rename fails."""
     if not out_dir.exists():
         os.rename(tmp, out_dir)
         return

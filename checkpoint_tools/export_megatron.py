@@ -1,0 +1,229 @@
+"""``export``: Megatron ``torch_dist`` checkpoint -> HF safetensors checkpoint, streaming.
+
+    python -m checkpoint_tools export --ckpt MEGATRON_DIR --out HF_DIR [--dtype bfloat16] \\
+        [--hf-ref HF_DIR] [--shard-size 5GB] [--overwrite]
+
+One process, never the whole model in memory, at whatever layout the checkpoint was saved:
+
+1. ``model_config.yaml`` rebuilds the :class:`ModelConfig`; the mapping table lists every HF
+   tensor and the Megatron parameter it comes from (no indexer on Shared layers; MTP layer ``k``
+   as ``model.layers.{N+k}``; per-expert names; ``linear_fc1`` split into gate / up).
+2. The checkpoint's own DCP metadata gives each parameter's sharded key and global shape
+   (:mod:`checkpoint_tools.dcp_reader`); every tensor the table needs is checked to exist with a
+   consistent shape, and every stored model tensor to be needed, before anything is written.
+3. Parameters are read in batches of at most ``--batch-size`` bytes (one expert at a time for the
+   stacked expert tensors), cast to ``--dtype`` (``weights_proj`` and ``e_score_correction_bias``
+   stay fp32) and written by :class:`ShardedCheckpointWriter` (sized shards, index json, atomic
+   rename after the output passed ``validate_hf_checkpoint``).
+
+config.json is the stored config with the schedule keys exactly as ``ModelConfig.to_hf_config()``
+writes them and ``dtype`` set to ``--dtype``; tokenizer / generation files come from
+``--hf-ref``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from checkpoint_tools.dcp_reader import ShardedLocation, TorchDistCheckpoint, sharded_location
+from checkpoint_tools.errors import (
+    ConfigError,
+    MissingTensorError,
+    ShapeMismatchError,
+    UnexpectedTensorError,
+)
+from checkpoint_tools.families import family_of
+from checkpoint_tools.hf_io import (
+    CONFIG_NAME,
+    ShardedCheckpointWriter,
+    check_output_dir,
+    copy_side_files,
+    parse_size,
+)
+from checkpoint_tools.layout import expected_tensors
+from checkpoint_tools.megatron_dir import (
+    DTYPES,
+    MODEL_CONFIG_NAME,
+    read_model_config,
+    resolve_model_config,
+)
+from checkpoint_tools.safetensors_format import TensorSpec, dtype_string, torch_dtype
+from checkpoint_tools.schedule_plan import check_family_support
+from checkpoint_tools.validation import validate_hf_checkpoint
+from indexcache_train.model.config import ModelConfig
+from indexcache_train.model.hf_mapping import FP32_HF_SUFFIXES, TensorMapping, mappings
+
+#: Stored keys that hold model tensors (trainer checkpoints also hold optimizer state, RNG, ...).
+_MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One Megatron parameter to export and the HF tensors it becomes."""
+
+    mapping: TensorMapping
+    location: ShardedLocation
+    specs: tuple[TensorSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+def export_checkpoint(
+    ckpt_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: str = "bfloat16",
+    hf_ref: str | os.PathLike[str] | None = None,
+    shard_size: int | str = "5GB",
+    batch_size: int | str = "2GB",
+    overwrite: bool = False,
+    allow_transformers_incompatible: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write the HF checkpoint of a Megatron checkpoint directory; returns its config.json."""
+    out = Path(out_dir)
+    check_output_dir(out, overwrite)  # before any work
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} unsupported; use one of {sorted(DTYPES)}")
+    if hf_ref is not None and not Path(hf_ref).is_dir():
+        raise ConfigError(
+            "--hf-ref is not a directory", file=str(hf_ref), fix="point it at the HF source"
+        )
+    stored_config, model = read_model_config(ckpt_dir)
+    cfg_file = str(Path(ckpt_dir) / MODEL_CONFIG_NAME)
+    check_family_support(
+        family_of(stored_config, cfg_file),
+        model.schedule,
+        allow_transformers_incompatible,
+        cfg_file,
+    )
+    # Schedule keys exactly as written on import (IndexCacheSchedule.to_hf_config via
+    # ModelConfig.to_hf_config); the stored weights' dtype is whatever --dtype says.
+    config = {**resolve_model_config(stored_config, model.schedule, cfg_file)[0], "dtype": dtype}
+    source = TorchDistCheckpoint(ckpt_dir)
+    items = _plan(source, model, DTYPES[dtype])
+    order = {name: i for i, name in enumerate(expected_tensors(config, model.schedule))}
+    specs = sorted((s for item in items for s in item.specs), key=lambda s: order.get(s.name, -1))
+    with ShardedCheckpointWriter(
+        out,
+        specs,
+        max_shard_size=shard_size,
+        overwrite=overwrite,
+        progress=progress,
+        before_commit=lambda tmp: validate_hf_checkpoint(tmp).raise_if_errors(),
+    ) as writer:
+        writer.write_json(CONFIG_NAME, config)
+        if hf_ref is not None:
+            copy_side_files(Path(hf_ref), writer, skip=(CONFIG_NAME,))
+        for item, tensor in _stream(source, items, parse_size(batch_size)):
+            parts = torch.chunk(tensor, len(item.specs), dim=0)
+            for spec, part in zip(item.specs, parts):
+                writer.write_tensor(spec.name, part.to(torch_dtype(spec.dtype)).contiguous())
+    return config
+
+
+def _plan(source: TorchDistCheckpoint, model: ModelConfig, dtype: torch.dtype) -> list[_Item]:
+    """Every parameter to export, checked against the stored keys and shapes (no data read)."""
+    items, used = [], set()
+    for m in mappings(model):
+        loc = sharded_location(m.megatron)
+        shape = source.shape(loc)
+        if shape is None:
+            raise MissingTensorError(
+                f"the checkpoint has no {loc.key}"
+                + (f"[{loc.index[0]}]" if loc.index else "")
+                + f" (Megatron parameter {m.megatron})",
+                file=str(source.path),
+                tensor=m.megatron,
+                fix=f"{MODEL_CONFIG_NAME} does not describe this checkpoint (other schedule or "
+                "size?), or the checkpoint is incomplete",
+            )
+        if shape[0] % len(m.hf):
+            raise ShapeMismatchError(
+                f"stored shape {list(shape)} does not split into {list(m.hf)}",
+                file=str(source.path),
+                tensor=m.megatron,
+            )
+        part = (shape[0] // len(m.hf), *shape[1:])
+        specs = tuple(
+            TensorSpec(
+                h, dtype_string(torch.float32 if h.endswith(FP32_HF_SUFFIXES) else dtype), part
+            )
+            for h in m.hf
+        )
+        items.append(_Item(m, loc, specs))
+        used.add(loc.key)
+    extra = [k for k in source.keys if k.startswith(_MODEL_KEY_PREFIXES) and k not in used]
+    if extra:
+        raise UnexpectedTensorError(
+            f"{len(extra)} stored model tensor(s) are not part of the model {MODEL_CONFIG_NAME} "
+            f"describes (first: {extra[0]})",
+            file=str(source.path),
+            tensor=extra[0],
+            fix=f"{MODEL_CONFIG_NAME} belongs to another model (schedule, layers, MTP depth?)",
+        )
+    return items
+
+
+def _stream(
+    source: TorchDistCheckpoint, items: list[_Item], batch_bytes: int
+) -> Iterator[tuple[_Item, torch.Tensor]]:
+    """``(item, tensor)`` in order, reading batches of at most ``batch_bytes`` (one item at least)."""
+    batch: list[_Item] = []
+    size = 0
+    for item in [*items, None]:
+        if item is None or (batch and size + item.nbytes > batch_bytes):
+            tensors = source.read([b.location for b in batch])
+            yield from zip(batch, tensors)
+            batch, size = [], 0
+        if item is not None:
+            batch.append(item)
+            size += item.nbytes
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register this verb's flags."""
+    parser.add_argument("--ckpt", required=True, type=Path, help="Megatron checkpoint directory")
+    parser.add_argument("--out", required=True, type=Path, help="output HF directory")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="tensor dtype")
+    parser.add_argument("--hf-ref", type=Path, help="HF directory to copy tokenizer files from")
+    parser.add_argument("--shard-size", default="5GB", help="max shard size (default 5GB)")
+    parser.add_argument(
+        "--batch-size", default="2GB", help="bytes of parameters read per checkpoint pass"
+    )
+    parser.add_argument(
+        "--allow-transformers-incompatible",
+        action="store_true",
+        help="export Shared layers of a deepseek_v32 model (transformers 5.17 cannot load them)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the verb; errors propagate to the dispatcher, which prints them."""
+    config = export_checkpoint(
+        args.ckpt,
+        args.out,
+        dtype=args.dtype,
+        hf_ref=args.hf_ref,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        allow_transformers_incompatible=args.allow_transformers_incompatible,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {args.out} ({config['model_type']}, {args.dtype}, {config['num_hidden_layers']} layers)"
+    )
+    return 0

@@ -1,0 +1,155 @@
+"""The Megatron checkpoint directory ``import`` writes and ``export`` / the trainer read.
+
+Layout (``torch_dist`` is Megatron's dist-checkpointing format, i.e. torch DCP)::
+
+    MEGATRON_DIR/
+      model_config.yaml     the model: HF config dict (schedule keys explicit) + MTP depth
+      import_metadata.json  provenance: source, layout, dtype, notes, peak memory per rank
+      metadata.json         Megatron dist-checkpointing header ({"sharded_backend": "torch_dist"})
+      .metadata             torch DCP index: every sharded key, global shape, dtype, chunks
+      __<rank>_<n>.distcp   tensor data, written by each rank for the shards it owns
+
+Tensors are stored under Megatron's sharded keys with *global* shapes (layer numbers global,
+routed experts stacked as ``...mlp.experts.experts.<param>`` ``[E, ...]``), so any TP / PP / EP
+layout loads them (``dist_checkpointing.load`` reshards). The model is rebuilt with
+``ModelConfig.from_hf_config(hf_config, num_mtp_layers=num_mtp_layers)`` (:func:`read_model_config`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from checkpoint_tools.errors import ConfigError
+from checkpoint_tools.schedule_plan import SCHEDULE_KEYS
+from indexcache_train.model.config import ModelConfig
+from indexcache_train.schedule import IndexCacheSchedule
+
+MODEL_CONFIG_NAME = "model_config.yaml"
+IMPORT_METADATA_NAME = "import_metadata.json"
+MEGATRON_METADATA_NAME = "metadata.json"
+FORMAT = "indexcache-megatron/1"
+#: ``--dtype`` choices of import (parameter dtype) and export (tensor dtype).
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: Keys that describe the stored weights, not the model; dropped from the model config.
+_STORAGE_KEYS = ("quantization_config", "torch_dtype")
+_HEADER = (
+    "# IndexCache model of a Megatron torch_dist checkpoint (written by checkpoint_tools import).\n"
+    "# Rebuild: ModelConfig.from_hf_config(hf_config, num_mtp_layers=num_mtp_layers)\n"
+)
+
+
+def resolve_model_config(
+    hf_config: Mapping[str, Any], schedule: IndexCacheSchedule, file: str = "config.json"
+) -> tuple[dict[str, Any], ModelConfig, list[str]]:
+    """The config dict to store for ``schedule``, the model it builds, and notes.
+
+    The schedule keys are replaced by ``schedule.to_hf_config()`` and the model is then built
+    *from that dict*, so the stored config and the stored tensors can never disagree: MTP roles
+    follow what the keys read back as (``IndexCacheSchedule.from_hf_config``); a non-periodic
+    pattern's explicit MTP role cannot be expressed and is reported in the notes.
+    """
+    base = {k: v for k, v in hf_config.items() if k not in SCHEDULE_KEYS + _STORAGE_KEYS}
+    base.update(schedule.to_hf_config())
+    try:
+        model = ModelConfig.from_hf_config(base)
+    except ValueError as exc:
+        raise ConfigError(
+            f"the trainer cannot build this model: {exc}",
+            file=file,
+            fix="use a GLM-5 / DeepSeek-V3.2 config (dense-MLA parents: run convert-schedule first)",
+        ) from exc
+    if model.schedule.indexer_types != schedule.indexer_types:
+        raise AssertionError(f"trunk schedule changed on read-back: {model.schedule.describe()}")
+    notes = []
+    if model.schedule.mtp_indexer_types != schedule.mtp_indexer_types:
+        notes.append(
+            f"MTP roles {list(schedule.mtp_indexer_types)} were requested but the config keys can "
+            f"only express {list(model.schedule.mtp_indexer_types)}; MTP layers follow the latter"
+        )
+    return {**base, **model.to_hf_config()}, model, notes
+
+
+def truncated_config(
+    hf_config: Mapping[str, Any], model: ModelConfig, num_layers: int
+) -> dict[str, Any]:
+    """The config of the model's first ``num_layers`` trunk layers, without MTP (``verify``)."""
+    if not 0 < num_layers <= model.num_layers:
+        raise ConfigError(
+            f"--num-layers {num_layers} is outside 1..{model.num_layers}", fix="pick fewer layers"
+        )
+    sched = IndexCacheSchedule.from_indexer_types(
+        model.schedule.indexer_types[:num_layers],
+        num_layers,
+        index_share_for_mtp_iteration=model.schedule.index_share_for_mtp_iteration,
+    )
+    out = {k: v for k, v in hf_config.items() if k not in SCHEDULE_KEYS}
+    out.update(sched.to_hf_config(), num_hidden_layers=num_layers, num_nextn_predict_layers=0)
+    for key in ("mlp_layer_types", "layer_types"):
+        if out.get(key) is not None:
+            out[key] = list(out[key])[:num_layers]
+    return out
+
+
+def write_model_config(directory: Path, hf_config: Mapping[str, Any], model: ModelConfig) -> None:
+    """``model_config.yaml``: the config dict, the MTP depth and (for humans) the schedule."""
+    doc = {
+        "format": FORMAT,
+        "num_mtp_layers": model.num_mtp_layers,
+        "schedule": model.schedule.describe(),
+        "hf_config": dict(hf_config),
+    }
+    text = _HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
+    (directory / MODEL_CONFIG_NAME).write_text(text)
+
+
+def read_model_config(directory: str | Path) -> tuple[dict[str, Any], ModelConfig]:
+    """``(hf_config, ModelConfig)`` of a Megatron checkpoint directory written by ``import``."""
+    path = Path(directory) / MODEL_CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(
+            f"no {MODEL_CONFIG_NAME}: not a checkpoint written by `checkpoint_tools import`",
+            file=str(path),
+            fix="point --ckpt at a directory written by `python -m checkpoint_tools import` (or "
+            "one the trainer saved, which carries the same file)",
+        )
+    try:
+        doc = yaml.safe_load(path.read_text())
+        hf_config, num_mtp = dict(doc["hf_config"]), int(doc["num_mtp_layers"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"unreadable {MODEL_CONFIG_NAME} ({exc!r})", file=str(path)) from exc
+    try:
+        model = ModelConfig.from_hf_config(hf_config, num_mtp_layers=num_mtp)
+    except ValueError as exc:
+        raise ConfigError(f"model config is invalid: {exc}", file=str(path)) from exc
+    return hf_config, model
+
+
+def check_torch_dist(directory: str | Path) -> Path:
+    """The directory, after checking it holds a Megatron ``torch_dist`` checkpoint."""
+    path = Path(directory)
+    header = path / MEGATRON_METADATA_NAME
+    try:
+        backend = json.loads(header.read_text()).get("sharded_backend")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise ConfigError(
+            f"no readable {MEGATRON_METADATA_NAME}: not a Megatron distributed checkpoint ({exc})",
+            file=str(header),
+            fix="point --ckpt at a Megatron dist-checkpointing directory",
+        ) from exc
+    if backend != "torch_dist":
+        raise ConfigError(
+            f"sharded_backend is {backend!r}; only torch_dist checkpoints are supported",
+            file=str(header),
+            fix="re-save the checkpoint with Megatron's default torch_dist format",
+        )
+    return path
+
+
+def write_json(directory: Path, name: str, obj: object) -> None:
+    (directory / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
