@@ -96,16 +96,19 @@ def truncated_config(
     return out
 
 
-def write_model_config(directory: Path, hf_config: Mapping[str, Any], model: ModelConfig) -> None:
-    """``model_config.yaml``: the config dict, the MTP depth and (for humans) the schedule."""
+def model_config_yaml(hf_config: Mapping[str, Any], model: ModelConfig) -> str:
+    """Text of ``model_config.yaml``: the config dict, the MTP depth and (for humans) the schedule."""
     doc = {
         "format": FORMAT,
         "num_mtp_layers": model.num_mtp_layers,
         "schedule": model.schedule.describe(),
         "hf_config": dict(hf_config),
     }
-    text = _HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
-    (directory / MODEL_CONFIG_NAME).write_text(text)
+    return _HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
+
+
+def write_model_config(directory: Path, hf_config: Mapping[str, Any], model: ModelConfig) -> None:
+    (directory / MODEL_CONFIG_NAME).write_text(model_config_yaml(hf_config, model))
 
 
 def read_model_config(directory: str | Path) -> tuple[dict[str, Any], ModelConfig]:

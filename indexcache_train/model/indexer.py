@@ -59,6 +59,12 @@ class LightningIndexer(MegatronModule):
             **linear,
         )
         self.softmax_scale = d_i**-0.5
+        # Every TP rank runs the indexer on the same gathered rows, so each computes the full
+        # gradient: average over TP (Megatron: ``average_gradients_across_tp_domain``), never sum
+        # — in particular k_norm must not keep the ``sequence_parallel`` (sum) tag our norms set.
+        for p in self.parameters():
+            p.sequence_parallel = False
+            p.average_gradients_across_tp_domain = True
 
     def forward(
         self,

@@ -6,7 +6,8 @@ Layout of a run's checkpoint directory::
       step_00000120/            one Megatron dist checkpoint (model chunks + optimizer)
         trainer_state.json      step, stage, consumed samples, why it was saved
         run_config.yaml         the resolved config this run trains with
-        model_config.json       the model's HF config dict (schedule keys explicit)
+        model_config.yaml       the model (HF config, schedule keys explicit): `checkpoint_tools
+                                export --ckpt step_XXXXXXXX` reads it
       latest                    name of the newest complete checkpoint
 
 Every rank writes its shards into ``step_X.tmp``; after a barrier rank 0 writes the metadata
