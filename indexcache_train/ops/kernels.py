@@ -18,6 +18,12 @@ operator               implementation
                        cuDNN refuses (:mod:`~indexcache_train.ops.triton_dense_attention`)
 ``sparse_mla``         Triton forward + backward, absorbed layout, fp32 atomics for dKV
                        (:mod:`~indexcache_train.ops.triton_sparse_mla`)
+``sparse_distill``     Triton head-summed top-k probabilities + fused KL / indexer-gradient
+                       kernel, gradients computed in the forward; TP through a ``p_reduce``
+                       hook between the two (:mod:`~indexcache_train.ops.triton_distill`)
+``dense_distill``      Triton flash-style dense KL (indexer LSE pass, head-mean target from the
+                       main LSE, g = q - p per query chunk, dq/dw and dk kernels); TP = 1 only
+                       (:mod:`~indexcache_train.ops.triton_distill`)
 =====================  ==================================================================
 """
 
@@ -26,12 +32,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from indexcache_train.ops.masking import KeyRange
 
 try:  # Triton is optional on CPU-only installs; the API then uses the references.
     from indexcache_train.ops.triton_dense_attention import dense_attention_triton
+    from indexcache_train.ops.triton_distill import (
+        dense_distill_triton,
+        distill_supported,
+        sparse_distill_triton,
+    )
     from indexcache_train.ops.triton_indexer import indexer_topk_triton
     from indexcache_train.ops.triton_sparse_mla import sparse_mla_triton
 
@@ -42,6 +55,7 @@ except ImportError:  # pragma: no cover - depends on the install
 HAVE_INDEXER_TOPK = _HAVE_TRITON
 HAVE_SPARSE_MLA = _HAVE_TRITON
 HAVE_DENSE_ATTENTION = _HAVE_TRITON
+HAVE_DISTILL = _HAVE_TRITON
 
 
 def indexer_topk(
@@ -100,3 +114,52 @@ def dense_attention(
 
         return dense_attention_cudnn(q_BSHD, k_BTHD, v_BTHV, softmax_scale)
     return dense_attention_triton(q_BSHD, k_BTHD, v_BTHV, softmax_scale, key_range)
+
+
+def distill_kernel_applies(
+    attn_q_BSHD: torch.Tensor, idx_q_BSID: torch.Tensor, idx_scale: float
+) -> bool:
+    """Whether the distillation kernels take these dims (positive indexer scale, power-of-two
+    indexer head dim, main-attention dim a sum of two powers of two)."""
+    return HAVE_DISTILL and distill_supported(attn_q_BSHD, idx_q_BSID, idx_scale)
+
+
+def sparse_distill(
+    attn_q_BSHD: torch.Tensor,
+    attn_kv_BTD: torch.Tensor,
+    attn_lse_BSH: torch.Tensor,
+    topk_BSK: torch.Tensor,
+    attn_scale: float,
+    idx_q_BSID: torch.Tensor,
+    idx_k_BTD: torch.Tensor,
+    idx_w_BSI: torch.Tensor,
+    idx_scale: float,
+    p_reduce: Callable[[torch.Tensor], object] | None = None,
+) -> torch.Tensor:
+    """Sparse distillation term (fp32 scalar; gradients into the indexer's q, k, w)."""
+    if not HAVE_DISTILL:  # pragma: no cover
+        raise RuntimeError("no distillation-loss kernel is built in (Triton missing)")
+    return sparse_distill_triton(
+        attn_q_BSHD, attn_kv_BTD, attn_lse_BSH, topk_BSK, attn_scale,
+        idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale, p_reduce,
+    )  # fmt: skip
+
+
+def dense_distill(
+    attn_q_BSHD: torch.Tensor,
+    attn_k_BTHD: torch.Tensor,
+    attn_lse_BSH: torch.Tensor,
+    key_range: KeyRange | None,
+    attn_scale: float,
+    idx_q_BSID: torch.Tensor,
+    idx_k_BTD: torch.Tensor,
+    idx_w_BSI: torch.Tensor,
+    idx_scale: float,
+) -> torch.Tensor:
+    """Dense distillation term over every valid key (fp32 scalar; tensor-parallel size 1)."""
+    if not HAVE_DISTILL:  # pragma: no cover
+        raise RuntimeError("no distillation-loss kernel is built in (Triton missing)")
+    return dense_distill_triton(
+        attn_q_BSHD, attn_k_BTHD, attn_lse_BSH, key_range, attn_scale,
+        idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale,
+    )  # fmt: skip
