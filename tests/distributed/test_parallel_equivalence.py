@@ -2,7 +2,8 @@
 
 Toy: 4 layers (dense, MoE, MoE, MoE), freq 2 (FSFS) with a Full MTP layer, top-k 8 < seq 32, the
 multi-layer distillation loss on; the sparse stage (trunk + indexers) and the dense warm-up
-(indexers only, frozen trunk). Tolerances: loss <= 1e-6 relative, gradients <= 1e-5 relative
+(indexers only, frozen trunk). CP=2 splits the sequence zigzag (rank r: chunks r, 3-r) and
+gathers keys. Tolerances: loss <= 1e-6 relative, gradients <= 1e-5 relative
 (norm-wise per tensor, floored at 1e-5 of the model's gradient norm; see the script).
 """
 
@@ -27,19 +28,27 @@ def _torchrun(n: int, args: list[str], env: dict[str, str], port: int) -> subpro
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, subprocess_env) -> Path:
     d = tmp_path_factory.mktemp("parallel_equivalence")
-    for attention in ("sparse", "warmup"):
-        out = _torchrun(1, ["reference", "--work", str(d), "--attention", attention], subprocess_env, 29631)
+    for args in (["--attention", "sparse"], ["--attention", "warmup"], ["--attention", "sparse", "--no-mtp"]):
+        out = _torchrun(1, ["reference", "--work", str(d), *args], subprocess_env, 29631)
         assert out.returncode == 0, out.stderr[-3000:]
     return d
 
 
 @pytest.mark.parametrize("attention", ["sparse", "warmup"])
-@pytest.mark.parametrize("scenario", ["tp2sp", "ep2", "dp2"])
+@pytest.mark.parametrize("scenario", ["tp2sp", "ep2", "dp2", "cp2"])
 def test_parallel_equals_single_process(work: Path, scenario: str, attention: str, subprocess_env) -> None:
-    out = _torchrun(2, ["parallel", "--work", str(work), "--scenario", scenario, "--attention", attention],
+    # Megatron-Core 0.19.2's MTP loss rescales by *rank-local* original/rolled token counts, and
+    # under CP only the rank holding the sequence end loses rolled positions: MTP (and, through
+    # it, trunk) gradients differ from one process by ~3% / 0.3% — upstream behaviour. The CP
+    # sparse case is therefore checked exactly without MTP; the CP warm-up (indexer terms only,
+    # MTP layer included) is exact.
+    no_mtp = ["--no-mtp"] if (scenario, attention) == ("cp2", "sparse") else []
+    out = _torchrun(2, ["parallel", "--work", str(work), "--scenario", scenario, "--attention", attention, *no_mtp],
                     subprocess_env, 29632)
     assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads((work / f"result_{scenario}_{attention}.json").read_text())
+    suffix = "_nomtp" if no_mtp else ""
+    r = json.loads((work / f"result_{scenario}_{attention}{suffix}.json").read_text())
     assert r["missing"] == []
     assert r["loss_rel"] <= 1e-6, r
     assert r["max_grad_rel"] <= 1e-5, r
+    assert r["ref_indexer_grad_norm"] > 0, r

@@ -29,12 +29,17 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 B, S = 4, 32
+DEVICE = "cpu"  # --device cuda: the GPU confirmation (NCCL, bf16, GPU kernels)
+BF16 = False
 SCENARIOS = {
     "tp2sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "ep2": dict(expert_model_parallel_size=2),
     "dp2": dict(),
     "cp2": dict(context_parallel_size=2),
 }
+
+
+MTP_LAYERS = 1
 
 
 def _hf_config():
@@ -45,7 +50,7 @@ def _hf_config():
         num_hidden_layers=4,
         index_topk_freq=2,
         index_skip_topk_offset=1,
-        num_mtp_layers=1,
+        num_mtp_layers=MTP_LAYERS,
         index_topk=8,
     )
 
@@ -57,14 +62,24 @@ def _setup(scenario: str | None):
 
     kw = SCENARIOS[scenario] if scenario else {}
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if DEVICE == "cuda":
+            import os
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(compat.distributed_backend())
     ps.initialize_model_parallel(
         tensor_model_parallel_size=kw.get("tensor_model_parallel_size", 1),
         expert_model_parallel_size=kw.get("expert_model_parallel_size", 1),
         context_parallel_size=kw.get("context_parallel_size", 1),
     )
     compat.model_parallel_seed(0)
-    return ParallelSettings(moe_token_dispatcher_type="allgather", **kw)
+    # Per-token loss: gradients are normalised by the global token count (finalize_model_grads),
+    # so every layout computes exactly the one-process gradient, MTP included (Megatron's
+    # per-micro-batch mean would weigh CP ranks' MTP tokens unequally: the last rank loses the
+    # rolled-off position).
+    dtype = {"params_dtype": torch.bfloat16, "bf16": True} if BF16 else {}
+    return ParallelSettings(moe_token_dispatcher_type="allgather", calculate_per_token_loss=True,
+                            use_cpu_initialization=True, **dtype, **kw)
 
 
 def _build(par):
@@ -73,7 +88,7 @@ def _build(par):
 
     cfg = ModelConfig.from_hf_config(_hf_config())
     torch.manual_seed(0)
-    return cfg, build_model(cfg, transformer_config(cfg, par))
+    return cfg, build_model(cfg, transformer_config(cfg, par)).to(DEVICE)
 
 
 def _batch():
@@ -106,8 +121,8 @@ def _run(cfg, model, attention: str, dp_rank: int, dp: int, cp_rank: int, cp: in
     tokens, labels = tokens[rows], labels[rows]
     b = tokens.shape[0]
     pos = torch.arange(S).expand(b, S)
-    tokens, labels, pos = (split_for_rank(t, cp, cp_rank) for t in (tokens, labels, pos))
-    key_range = KeyRange.build(b, S // cp, "cpu", query_index_BS=pos) if cp > 1 else None
+    tokens, labels, pos = (split_for_rank(t, cp, cp_rank).to(DEVICE) for t in (tokens, labels, pos))
+    key_range = KeyRange.build(b, S // cp, DEVICE, query_index_BS=pos) if cp > 1 else None
     losses = []
 
     def step(it, m):
@@ -122,9 +137,10 @@ def _run(cfg, model, attention: str, dp_rank: int, dp: int, cp_rank: int, cp: in
             out = m(tokens, pos, None, labels=labels, dsa_state=st)
 
         def loss_fn(o):
-            loss = o.float().mean()
-            losses.append(loss.detach())
-            return loss, {"loss": loss.detach()}
+            # Megatron's 3-value form (sum, token count) with calculate_per_token_loss.
+            total = o.float().sum()
+            losses.append(total.detach().clone() / o.numel())
+            return total, torch.tensor(o.numel(), dtype=torch.int, device=o.device), {"loss": losses[-1]}
 
         return out, loss_fn
 
@@ -152,7 +168,7 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        g = p.main_grad.detach().clone()
+        g = p.main_grad.detach().float().clone()
         is_expert = ".experts.local_experts." in name
         # Experts are split over the expert-TP group (= TP by default), the rest over TP.
         group = ps.get_expert_tensor_parallel_group() if is_expert else ps.get_tensor_model_parallel_group()
@@ -179,15 +195,19 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _suffix() -> str:
+    return "" if MTP_LAYERS else "_nomtp"
+
+
 def reference(work: Path, attention: str) -> None:
     from megatron.core import dist_checkpointing
 
     par = _setup(None)
     cfg, model = _build(par)
-    (work / "ckpt").mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(work / "ckpt"))
+    (work / f"ckpt{_suffix()}").mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(work / f"ckpt{_suffix()}"))
     loss = _run(cfg, model, attention, 0, 1, 0, 1)
-    torch.save({"loss": loss, "grads": _full_grads(model)}, work / f"ref_{attention}.pt")
+    torch.save({"loss": loss, "grads": _full_grads(model)}, work / f"ref_{attention}{_suffix()}.pt")
 
 
 def parallel(work: Path, scenario: str, attention: str) -> int:
@@ -196,7 +216,7 @@ def parallel(work: Path, scenario: str, attention: str) -> int:
 
     par = _setup(scenario)
     cfg, model = _build(par)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(work / "ckpt")))
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(work / f"ckpt{_suffix()}")))
     dp, cp = ps.get_data_parallel_world_size(), ps.get_context_parallel_world_size()
     loss = _run(
         cfg, model, attention, ps.get_data_parallel_rank(), dp, ps.get_context_parallel_rank(), cp
@@ -204,7 +224,7 @@ def parallel(work: Path, scenario: str, attention: str) -> int:
     grads = _full_grads(model)
     if dist.get_rank() != 0:
         return 0
-    ref = torch.load(work / f"ref_{attention}.pt")
+    ref = torch.load(work / f"ref_{attention}{_suffix()}.pt")
     # Norm-wise relative error per tensor, floored at 1e-5 of the whole model's gradient norm so
     # structurally ~0 gradients (e.g. an indexer k_norm bias, ~1e-6) are judged on the model's
     # scale rather than on fp32 summation-order noise (a real bug, e.g. a factor 2, still shows).
@@ -224,8 +244,11 @@ def parallel(work: Path, scenario: str, attention: str) -> int:
         "max_grad_rel": max(worst.values()),
         "worst_param": max(worst, key=worst.get),
         "missing": sorted(set(ref["grads"]) - set(grads)),
+        "top5": sorted(worst.items(), key=lambda kv: -kv[1])[:5],
+        # Equal-but-zero gradients would pass the comparison: record that the indexers learn.
+        "ref_indexer_grad_norm": float(torch.stack([g.norm() for n, g in ref["grads"].items() if ".indexer." in n]).norm()),
     }
-    (work / f"result_{scenario}_{attention}.json").write_text(json.dumps(result, indent=1))
+    (work / f"result_{scenario}_{attention}{_suffix()}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return 0
 
@@ -236,7 +259,13 @@ if __name__ == "__main__":
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--scenario", choices=sorted(SCENARIOS))
     ap.add_argument("--attention", default="sparse", choices=["sparse", "dense", "warmup"])
+    ap.add_argument("--no-mtp", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
+    DEVICE, BF16 = args.device, args.bf16
+    if args.no_mtp:
+        MTP_LAYERS = 0
     if args.mode == "reference":
         reference(args.work, args.attention)
     else:
