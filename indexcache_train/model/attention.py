@@ -27,18 +27,24 @@ from typing import Any
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from indexcache_train.loss.autoscaler import attach_loss
-from indexcache_train.loss.terms import dense_term, sparse_term
+from indexcache_train.loss.recall import head_sum_probs_all_keys, topk_recall
+from indexcache_train.loss.targets import head_sum_probs_dense
+from indexcache_train.loss.terms import dense_term, sparse_term, tp_sum
 from indexcache_train.model.dims import MLADims
 from indexcache_train.model.forward_state import DSAForwardState
 from indexcache_train.model.rope import RotaryTables, apply_rope
 from indexcache_train.ops import api as ops
 from indexcache_train.ops.masking import KeyRange
+from indexcache_train.parallel.context_parallel import gather_sequence
 from indexcache_train.schedule import IndexCacheSchedule
 
 
@@ -118,11 +124,10 @@ class DSASelfAttention(MegatronModule):
         self.heads = dims.num_heads // tp_size
         self.sequence_parallel = bool(config.sequence_parallel) and tp_size > 1
         cp = getattr(pg_collection, "cp", None)
-        if cp is not None and cp.size() > 1:
-            raise ValueError(
-                "context parallelism is not supported by DSASelfAttention yet; use "
-                "context_parallel_size=1"
-            )
+        # Context parallel: queries stay local, keys (latent KV, RoPE keys, indexer keys) are
+        # all-gathered over the CP group in natural order (indexcache_train.parallel.context_parallel).
+        self.cp_group = cp if cp is not None and cp.size() > 1 else None
+        self.cp_size = cp.size() if self.cp_group is not None else 1
 
         col = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False,
                    gather_output=False, is_expert=False, tp_group=self.tp_group)
@@ -162,8 +167,12 @@ class DSASelfAttention(MegatronModule):
         # this for parameters tagged ``sequence_parallel``). Without SP their gradients are
         # already identical on every rank (the column-parallel up projections all-reduce the
         # input gradient), so they must not be reduced again.
+        # (Megatron's finalize_model_grads averages parameters tagged
+        # ``average_gradients_across_tp_domain`` *before* considering ``sequence_parallel``, so
+        # the DuplicatedLinear default tag must be cleared here.)
         for p in (*self.linear_q_down_proj.parameters(), *self.linear_kv_down_proj.parameters()):
             p.sequence_parallel = self.sequence_parallel
+            p.average_gradients_across_tp_domain = False
         self.rotary = RotaryTables(dims.rope, dims.qk_rope_head_dim, dims.max_position_embeddings)
 
     # ------------------------------------------------------------------ forward
@@ -195,6 +204,11 @@ class DSASelfAttention(MegatronModule):
         q_nope_BSHD = q_SBHD[..., : dims.qk_nope_head_dim].transpose(0, 1)
         q_pe_BSHR = apply_rope(q_SBHD[..., dims.qk_nope_head_dim :].transpose(0, 1), cos, sin, dims.rope_interleave)
         k_pe_BTR = apply_rope(k_pe.transpose(0, 1), cos, sin, dims.rope_interleave)
+        if self.cp_group is not None and dsa_state.key_range is None:
+            raise ValueError(
+                "context parallel needs DSAForwardState.key_range with each local row's global "
+                "position (query_index); the trainer builds it from the zigzag split"
+            )
         key_range = dsa_state.key_range or KeyRange.causal(B, S, q.device)
 
         step = _LayerStep(self, dsa_state, x_full, qr_full, cos, sin, key_range)
@@ -210,6 +224,24 @@ class DSASelfAttention(MegatronModule):
             return t_SBX
         return gather_from_sequence_parallel_region(t_SBX, group=self.tp_group)
 
+    def gather_keys_BT(self, t_BTX: torch.Tensor) -> torch.Tensor:
+        """This CP rank's key rows -> the whole sequence's, natural order (identity without CP)."""
+        if self.cp_group is None:
+            return t_BTX
+        return gather_sequence(t_BTX.transpose(0, 1), self.cp_group).transpose(0, 1)
+
+    def _column_parallel(self, linear: torch.nn.Module, x_SBX: torch.Tensor) -> torch.Tensor:
+        """A column-parallel projection of rows that are already whole on every TP rank.
+
+        Used for the dense warm-up's K/V up projection under context parallelism: its input is
+        the CP-gathered latent, which Megatron's ColumnParallelLinear would all-gather again
+        under SP. The input gradient is summed over TP (heads are split over TP ranks) by the
+        SP gather's reduce-scatter, or by ``copy_to_tensor_model_parallel_region`` without SP.
+        """
+        if not self.sequence_parallel and self.tp_group is not None and self.tp_group.size() > 1:
+            x_SBX = copy_to_tensor_model_parallel_region(x_SBX, group=self.tp_group)
+        return torch.nn.functional.linear(x_SBX, linear.weight)
+
     def _kv_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head key/value halves of ``linear_kv_up_proj``: ``[H, nope, r]``, ``[H, v, r]``."""
         d = self.dims
@@ -219,35 +251,48 @@ class DSASelfAttention(MegatronModule):
     # ------------------------------------------------------------------ dense (warm-up)
     def _dense(self, q_nope, q_pe, c_kv_SBR, k_pe_BTR, step: _LayerStep) -> torch.Tensor:
         d = self.dims
-        kv = self.linear_kv_up_proj(c_kv_SBR)[0]  # gathers SP rows itself
+        if self.cp_group is None:
+            kv = self.linear_kv_up_proj(c_kv_SBR)[0]  # gathers SP rows itself
+        else:
+            latent = self.gather_keys_BT(self._gather_rows(c_kv_SBR).transpose(0, 1)).transpose(0, 1)
+            kv = self._column_parallel(self.linear_kv_up_proj, latent)
+            k_pe_BTR = self.gather_keys_BT(k_pe_BTR)
         T = kv.shape[0]
         kv_BTHX = kv.view(T, -1, self.heads, d.qk_nope_head_dim + d.v_head_dim).transpose(0, 1)
         k_nope, v_BTHV = kv_BTHX.split([d.qk_nope_head_dim, d.v_head_dim], dim=-1)
         q_BSHD = torch.cat([q_nope, q_pe], -1)
         k_BTHD = torch.cat([k_nope, k_pe_BTR[:, :, None].expand(-1, -1, self.heads, -1)], -1)
-        step.publish(topk_BSK=None)
+        # Dense attention needs no top-k; the recall metric does (a Shared layer: its source's).
+        topk_BSK = step.select_topk() if step.state.measure_recall else None
+        step.publish(topk_BSK)
         out, lse = ops.dense_attention(q_BSHD, k_BTHD, v_BTHV, d.softmax_scale, step.key_range,
                                        backend=self.kernel_backend)
+        if topk_BSK is not None:
+            step.record_recall(topk_BSK, lambda s0, s1, valid: head_sum_probs_dense(
+                q_BSHD[:, s0:s1].detach(), k_BTHD.detach(), lse[:, s0:s1], valid, d.softmax_scale))
         return step.add_term(out, lambda iq, ik, iw, scale: dense_term(
             q_BSHD.detach(), k_BTHD.detach(), lse, step.key_range, d.softmax_scale, iq, ik, iw,
-            scale, self.tp_group, step.state.distill.chunk))
+            scale, self.tp_group, step.state.distill.chunk, backend=self.kernel_backend))
 
     # ------------------------------------------------------------------ sparse
     def _sparse(self, q_nope, q_pe, c_kv_SBR, k_pe_BTR, step: _LayerStep) -> torch.Tensor:
         d = self.dims
         w_uk_HNR, w_uv_HVR = self._kv_up_weights()
         q_abs_BSHD = torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk_HNR), q_pe], -1)
-        kv_BTD = torch.cat([c_kv_SBR.transpose(0, 1), k_pe_BTR], -1)
+        kv_BTD = self.gather_keys_BT(torch.cat([c_kv_SBR.transpose(0, 1), k_pe_BTR], -1))
         topk_BSK = step.select_topk()
         step.publish(topk_BSK)
         if step.state.captured_topk is not None:
             step.state.captured_topk[self.layer_index] = topk_BSK
         lat_BSHR, lse = ops.sparse_mla(q_abs_BSHD, kv_BTD, topk_BSK, d.softmax_scale, d.kv_lora_rank,
                                        backend=self.kernel_backend)
+        if step.state.measure_recall:
+            step.record_recall(topk_BSK, lambda s0, s1, valid: head_sum_probs_all_keys(
+                q_abs_BSHD[:, s0:s1].detach(), kv_BTD.detach(), valid, d.softmax_scale))
         out = torch.einsum("bshr,hvr->bshv", lat_BSHR, w_uv_HVR)
         return step.add_term(out, lambda iq, ik, iw, scale: sparse_term(
             q_abs_BSHD.detach(), kv_BTD.detach(), lse, topk_BSK, d.softmax_scale, iq, ik, iw,
-            scale, self.tp_group, step.state.distill.chunk))
+            scale, self.tp_group, step.state.distill.chunk, backend=self.kernel_backend))
 
 
 class _LayerStep:
@@ -262,7 +307,7 @@ class _LayerStep:
         mode = state.distill.mode
         # Entries carry the source's top-k (sparse stage) and, for the multi-layer loss, its
         # detached indexer inputs; consumers must read exactly when the source publishes.
-        self.needs_entry = state.attention == "sparse" or mode == "multi"
+        self.needs_entry = state.attention == "sparse" or mode == "multi" or state.measure_recall
         self.reads_entry = self.needs_entry and (not self.is_full or state.is_recompute)
         self.entry = state.read(self.layer) if self.reads_entry else None
         self.x_BSH = x_SBH.detach().transpose(0, 1)
@@ -282,7 +327,8 @@ class _LayerStep:
             indexer = self.entry.indexer
             x, qr = (t.transpose(0, 1) for t in self.entry.indexer_inputs)
         with torch.set_grad_enabled(self.state.distill.compute_grad):
-            return (*indexer(x, qr, self.cos, self.sin), indexer.softmax_scale)
+            iq, ik, iw = indexer(x, qr, self.cos, self.sin)
+            return iq, self.attn.gather_keys_BT(ik), iw, indexer.softmax_scale
 
     def select_topk(self) -> torch.Tensor:
         if self.entry is not None:
@@ -293,6 +339,7 @@ class _LayerStep:
         else:
             with torch.no_grad():
                 iq, ik, iw = indexer(self.x_BSH, self.qr_BSR, self.cos, self.sin)
+                ik = self.attn.gather_keys_BT(ik)
         return ops.indexer_topk(iq, ik, iw, self.attn.dims.index_topk, indexer.softmax_scale,
                                 self.key_range, backend=self.attn.kernel_backend)
 
@@ -302,6 +349,22 @@ class _LayerStep:
             inputs = (self.x_BSH.transpose(0, 1), self.qr_BSR.transpose(0, 1)) if multi else None
             self.state.put(self.layer, topk_BSK, inputs, self.attn.core_attention.indexer)
 
+    def record_recall(self, topk_BSK: torch.Tensor, probs_fn) -> None:
+        """Evaluation metric: recall of the top-k this layer uses against its own attention.
+
+        ``probs_fn(s0, s1, valid_BCT)`` gives this rank's heads' summed probabilities over all
+        keys; they are summed over tensor-parallel ranks so every rank ranks all heads' mass.
+        """
+        num_keys = self.x_BSH.shape[1] * self.attn.cp_size  # all key positions (SP- and CP-gathered)
+
+        def head_sum(s0: int, s1: int) -> torch.Tensor:
+            valid_BCT = self.key_range.rows(s0, s1).dense_mask(num_keys)
+            return tp_sum(probs_fn(s0, s1, valid_BCT), self.attn.tp_group)
+
+        value = topk_recall(head_sum, self.key_range, topk_BSK, self.attn.dims.index_topk, num_keys,
+                            self.state.distill.chunk)
+        self.state.record_recall(self.layer, value)
+
     def add_term(self, out_BSHV: torch.Tensor, term_fn) -> torch.Tensor:
         if not self.term_due:
             return out_BSHV
@@ -309,13 +372,21 @@ class _LayerStep:
         source = schedule.source(self.layer)
         group = (source, *schedule.consumers(source))
         weight = self.state.distill.weight(group.index(self.layer), len(group))
+        # Normalised like the LM loss. Per-token mode (``calculate_per_token_loss``): a plain sum,
+        # Megatron divides every gradient by the global token count. Otherwise per query row of
+        # the whole sequence: under CP each rank holds 1/cp of the rows and Megatron scales
+        # auxiliary losses by cp, so the local sum is divided by the global row count.
+        rows = out_BSHV.shape[0] * out_BSHV.shape[1] * self.attn.cp_size
+        if self.attn.config.calculate_per_token_loss:
+            rows = 1
         with torch.set_grad_enabled(self.state.distill.compute_grad):
             kl_sum = term_fn(*self.proj)
-        rows = out_BSHV.shape[0] * out_BSHV.shape[1]
+            # Scaled inside the grad-enabled block: a frozen trunk runs under no_grad, and a
+            # product taken there would be a graph-less constant (the indexers would not learn).
+            loss = kl_sum * (weight * self.state.distill.loss_coeff / rows)
         self.state.record_kl(source, self.layer, kl_sum.detach() / rows)
         if weight == 0.0 or not kl_sum.requires_grad:
             return out_BSHV
-        loss = kl_sum * (weight * self.state.distill.loss_coeff / rows)
         if torch.is_grad_enabled():
             return attach_loss(out_BSHV, loss)
         # Frozen trunk (dense warm-up runs it without an autograd graph): there is no

@@ -60,7 +60,15 @@ class DistillSettings:
                 f"distill.weights has {len(ws)} entries but a share group has {group_size} layers; "
                 "give one weight per position in the largest group"
             )
-        return ws[position] / sum(ws)
+        total = sum(ws)
+        if total <= 0:
+            # e.g. weights [0, 1] on a group of one layer (an MTP Full layer, a trailing Full
+            # layer): renormalising would divide by zero and the indexer would get no loss.
+            raise ValueError(
+                f"distill.weights {tuple(self.weights)} give a share group of {group_size} layer(s) "
+                "zero total weight; make the leading weights positive"
+            )
+        return ws[position] / total
 
 
 @dataclass
@@ -94,8 +102,13 @@ class DSAForwardState:
     phase: Phase = "forward"
     #: Detached per-term losses for logging: (full_layer, served_layer) -> value.
     kl_terms: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    #: When set, every layer stores the top-k it attended here (parity tests, recall metrics).
+    #: When set, every layer stores the top-k it attended here (parity tests).
     captured_topk: dict[int, torch.Tensor] | None = None
+    #: Evaluation only: every layer measures the recall of the top-k it uses (a Shared layer:
+    #: its source's) against its own attention over all keys (:mod:`indexcache_train.loss.recall`).
+    measure_recall: bool = False
+    #: layer -> ``[sum of per-row recalls, rows]`` (float64), filled when ``measure_recall``.
+    recall: dict[int, torch.Tensor] = field(default_factory=dict)
     #: Terms computed while the trunk ran without autograd (dense warm-up); see attach_pending.
     pending_losses: list[torch.Tensor] = field(default_factory=list)
     _entries: dict[TopKKey, _Entry] = field(default_factory=dict, repr=False)
@@ -185,15 +198,21 @@ class DSAForwardState:
         """
         if not self.pending_losses:
             return output
-        total = torch.stack([t.reshape(()) for t in self.pending_losses]).sum()
-        self.pending_losses.clear()
+        # The caller runs the frozen trunk under no_grad: the sum must be taken with grad enabled,
+        # or it is a graph-less constant and the indexers silently receive no gradient.
         with torch.enable_grad():
+            total = torch.stack([t.reshape(()) for t in self.pending_losses]).sum()
+            self.pending_losses.clear()
             return _AttachFrozen.apply(output, input_tensor if input_tensor is not None else total, total)
 
     # ---------------------------------------------------------------- logging
     def record_kl(self, full_layer: int, served_layer: int, value: torch.Tensor) -> None:
         if self.phase != "checkpoint":
             self.kl_terms[(full_layer, served_layer)] = value.detach()
+
+    def record_recall(self, layer: int, hits_and_rows: torch.Tensor) -> None:
+        if self.phase != "checkpoint":
+            self.recall[layer] = hits_and_rows.detach()
 
 
 class _AttachFrozen(torch.autograd.Function):

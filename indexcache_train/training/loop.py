@@ -25,7 +25,7 @@ from indexcache_train.training.lr import apply_lr
 from indexcache_train.training.model_setup import Wrapped, build_chunks, switch_stage, wrap_stage
 from indexcache_train.training.observability import Throughput, make_logger, memory_gib, step_line
 from indexcache_train.training.stages import distill_settings, position
-from indexcache_train.training.step import StepRunner, multi_loss_by_full_layer
+from indexcache_train.training.step import StepRunner, eval_metrics, multi_loss_by_full_layer
 
 log = logging.getLogger("indexcache_train")
 
@@ -74,7 +74,12 @@ def _data(cfg: TrainConfig, resolved: Resolved, consumed: int, dp_rank: int):
 
 
 def _files(cfg: TrainConfig, resolved: Resolved) -> dict[str, str]:
-    return {"run_config.yaml": to_yaml(cfg), "model_config.json": json.dumps(resolved.model.to_hf_config(), indent=1)}
+    from checkpoint_tools.megatron_dir import MODEL_CONFIG_NAME, model_config_yaml
+
+    # The same model_config.yaml `checkpoint_tools import` writes: `export` reads trainer
+    # checkpoints directly.
+    model = resolved.model
+    return {"run_config.yaml": to_yaml(cfg), MODEL_CONFIG_NAME: model_config_yaml(model.to_hf_config(), model)}
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:
@@ -135,6 +140,11 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     steps_this_process = 0
     step = start_step
+    if cfg.logging.eval_interval and start_step == 0:
+        # Baseline before the first update (e.g. L_multi of the loaded indexers).
+        first = position(cfg, 0)
+        _record_eval(out_dir, 0, first.stage.name,
+                     _evaluate(cfg, resolved, wrapped, runner, valid_ds, first, device, is_logging_rank), is_logging_rank)
     while step < total:
         pos = position(cfg, step)
         if pos.index != wrap_index:
@@ -153,7 +163,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 f.write(json.dumps({"step": step, "stage": pos.stage.name, **metrics}) + "\n")
         logger.log(metrics, step)
         if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and step < total:
-            metrics.update(_evaluate(cfg, resolved, wrapped, runner, valid_ds, pos, device, is_logging_rank))
+            evaluated = _evaluate(cfg, resolved, wrapped, runner, valid_ds, pos, device, is_logging_rank)
+            _record_eval(out_dir, step, pos.stage.name, evaluated, is_logging_rank)
+            metrics.update(evaluated)
         reason = _save_reason(cfg, pos, step, total, stop, device, steps_this_process)
         if reason:
             state = ckpt.TrainerState(step, pos.index, consumed, reason)
@@ -165,7 +177,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             if reason == "signal" or _exit_requested(cfg, steps_this_process):
                 break
     if step == total:
-        metrics.update(_evaluate(cfg, resolved, wrapped, runner, valid_ds, position(cfg, total - 1), device, is_logging_rank))
+        last = position(cfg, total - 1)
+        evaluated = _evaluate(cfg, resolved, wrapped, runner, valid_ds, last, device, is_logging_rank)
+        _record_eval(out_dir, step, last.stage.name, evaluated, is_logging_rank)
+        metrics.update(evaluated)
         if is_logging_rank:
             log.info("final eval | " + " | ".join(f"{k} {v:.5g}" for k, v in sorted(metrics.items()) if k.startswith("eval/")))
     logger.log(metrics, step)
@@ -234,7 +249,9 @@ def _train_step(cfg, resolved, wrapped: Wrapped, runner: StepRunner, train_iter:
 
 
 def _evaluate(cfg, resolved, wrapped: Wrapped, runner: StepRunner, valid_ds, pos, device, is_logging_rank) -> dict[str, float]:
-    """Held-out LM loss and KL terms with the current stage's attention (no graphs)."""
+    """Held-out LM loss, every served layer's KL term and every layer's top-k recall, with the
+    current stage's attention (no graphs). The same first ``eval_iters`` validation batches
+    every time, so evaluations compare across steps and runs."""
     if valid_ds is None:
         return {}
     from indexcache_train.data import build_dataloader
@@ -244,22 +261,30 @@ def _evaluate(cfg, resolved, wrapped: Wrapped, runner: StepRunner, valid_ds, pos
                                    data_parallel_size=resolved.data_parallel_size, num_workers=0))
     for c in wrapped.ddp_chunks:
         c.eval()
-    lm, kl, n = 0.0, {}, 0
+    # Measure the terms of *every* served layer (multi mode, no graph) whatever the run trains
+    # with, so an own_layer run reports the same L_multi / Shared-layer KL as a multi run.
+    measure = dataclasses.replace(distill_settings(cfg, training=False), mode="multi")
+    lm, kl, recall, n = 0.0, {}, {}, 0
     with torch.no_grad():
         for _ in range(cfg.logging.eval_iters):
             r = runner.run(wrapped.ddp_chunks, loader, resolved.num_microbatches, attention=pos.stage.attention,
-                           distill=distill_settings(cfg, training=False), frozen_trunk=False, forward_only=True)
+                           distill=measure, frozen_trunk=False, forward_only=True, measure_recall=True)
             lm += r.lm_loss
             n += 1
             for k, v in r.kl.items():
                 kl[k] = kl.get(k, 0.0) + v / cfg.logging.eval_iters
+            for k, v in r.recall.items():
+                recall[k] = recall.get(k, 0.0) + v / cfg.logging.eval_iters
     for c in wrapped.ddp_chunks:
         c.train()
-    out = {"eval/lm_loss": lm / max(n, 1)}
-    per_full = multi_loss_by_full_layer(kl, resolved.model.schedule, distill_settings(cfg))
-    if per_full:
-        out["eval/indexer_loss"] = sum(per_full.values()) / len(per_full)
-    shared = {k: v for k, v in kl.items() if k[0] != k[1]}
-    if shared:
-        out["eval/shared_kl"] = sum(shared.values()) / len(shared)
-    return out
+    return eval_metrics(lm / max(n, 1), kl, recall, resolved.model.schedule, distill_settings(cfg))
+
+
+def _record_eval(out_dir: Path, step: int, stage: str, metrics: dict[str, float], is_logging_rank: bool) -> None:
+    """``eval.jsonl`` (one line per evaluation; ``metrics.jsonl`` keeps one line per step)."""
+    if not is_logging_rank or not metrics:
+        return
+    with open(out_dir / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "stage": stage, **metrics}) + "\n")
+    keys = ("eval/lm_loss", "eval/l_multi", "eval/shared_kl", "eval/shared_recall")
+    log.info(f"eval @ step {step} | " + " | ".join(f"{k} {metrics[k]:.5g}" for k in keys if k in metrics))

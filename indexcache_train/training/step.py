@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -27,6 +27,8 @@ class StepResult:
     lm_loss: float
     kl: dict[tuple[int, int], float] = field(default_factory=dict)
     num_tokens: int = 0
+    #: layer -> mean top-k recall over rows (only when the run measured it; evaluation).
+    recall: dict[int, float] = field(default_factory=dict)
 
 
 class StepRunner:
@@ -43,13 +45,14 @@ class StepRunner:
 
     # ------------------------------------------------------------------ Megatron callbacks
     def _forward_step(self, data_iterator: Iterator[dict], model, *, attention: str,
-                      distill: DistillSettings, frozen_trunk: bool):
+                      distill: DistillSettings, frozen_trunk: bool, measure_recall: bool = False):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         loss_mask = batch["loss_mask"].to(self.device, non_blocking=True).float()
         position_ids = batch["position_ids"].to(self.device, non_blocking=True)
-        state = DSAForwardState(self.schedule, position_ids, attention=attention, distill=distill)  # type: ignore[arg-type]
+        state = DSAForwardState(self.schedule, position_ids, attention=attention, distill=distill,  # type: ignore[arg-type]
+                                measure_recall=measure_recall)
         self._states.append(state)
         with torch.no_grad() if frozen_trunk else nullcontext():
             output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask, dsa_state=state)
@@ -63,10 +66,12 @@ class StepRunner:
 
     # ------------------------------------------------------------------ public
     def run(self, chunks: list, data_iterator: Any, num_microbatches: int, *, attention: str,
-            distill: DistillSettings, frozen_trunk: bool, forward_only: bool) -> StepResult:
+            distill: DistillSettings, frozen_trunk: bool, forward_only: bool,
+            measure_recall: bool = False) -> StepResult:
         self._states.clear()
         forward_backward = get_forward_backward_func()
-        step = partial(self._forward_step, attention=attention, distill=distill, frozen_trunk=frozen_trunk)
+        step = partial(self._forward_step, attention=attention, distill=distill, frozen_trunk=frozen_trunk,
+                       measure_recall=measure_recall)
         out = forward_backward(
             forward_step_func=step,
             data_iterator=data_iterator if len(chunks) == 1 else [data_iterator] * len(chunks),
@@ -85,19 +90,26 @@ class StepRunner:
             lm += d["lm_loss"].double().to(self.device)
         kl = torch.zeros(len(self._pairs), 2, dtype=torch.float64, device=self.device)
         index = {p: i for i, p in enumerate(self._pairs)}
+        layers = sorted({m for g in self.schedule.groups for m in g.members})
+        recall = torch.zeros(len(layers), 2, dtype=torch.float64, device=self.device)
         for st in self._states:
             for pair, value in st.kl_terms.items():
                 kl[index[pair], 0] += float(value)
                 kl[index[pair], 1] += 1
+            for layer, hits_and_rows in st.recall.items():
+                recall[layers.index(layer)] += hits_and_rows.to(recall)
         self._states.clear()
         if dist.is_initialized():
             dist.all_reduce(lm)
             dist.all_reduce(kl)
+            dist.all_reduce(recall)
         # Only the last pipeline stage (and every DP/TP copy of it) holds LM losses; dividing the
         # reduced sum by the reduced token count gives the global token mean.
         lm_loss = float(lm[0] / lm[1]) if lm[1] > 0 else float("nan")
         kl_mean = {p: float(kl[i, 0] / kl[i, 1]) for p, i in index.items() if kl[i, 1] > 0}
-        return StepResult(lm_loss, kl_mean, int(lm[1]))
+        # Rows are summed over micro-batches and ranks before dividing (a row-weighted mean).
+        recall_mean = {m: float(recall[i, 0] / recall[i, 1]) for i, m in enumerate(layers) if recall[i, 1] > 0}
+        return StepResult(lm_loss, kl_mean, int(lm[1]), recall_mean)
 
 
 def multi_loss_by_full_layer(kl: dict[tuple[int, int], float], schedule: IndexCacheSchedule,
@@ -108,4 +120,36 @@ def multi_loss_by_full_layer(kl: dict[tuple[int, int], float], schedule: IndexCa
         terms = [(j, kl[(g.source, m)]) for j, m in enumerate(g.members) if (g.source, m) in kl]
         if terms:
             out[g.source] = sum(distill.weight(j, g.size) * v for j, v in terms)
+    return out
+
+
+def eval_metrics(lm_loss: float, kl: dict[tuple[int, int], float], recall: dict[int, float],
+                 schedule: IndexCacheSchedule, distill: DistillSettings) -> dict[str, float]:
+    """Held-out metrics from measured terms (evaluation measures every served layer's term, so
+    an ``own_layer`` or ``none`` run is scored on the same L_multi as a ``multi`` run).
+
+    * ``eval/indexer_loss``: the run's own objective (``distill``'s mode and weights), averaged
+      over Full layers; ``eval/l_multi``: the multi-layer loss with ``distill``'s weights
+      (uniform unless ``distill.weights``), whatever the run's mode; ``eval/l_multi/layer<l>``.
+    * ``eval/shared_kl``: mean KL of the Shared layers' terms; ``eval/kl/<full>-><served>``.
+    * ``eval/recall/layer<i>``: top-k recall of each layer (a Shared layer: of the reused
+      indices) against its own attention; ``eval/shared_recall`` / ``eval/full_recall``: means.
+    """
+    out = {"eval/lm_loss": lm_loss}
+    own = multi_loss_by_full_layer(kl, schedule, distill)
+    multi = multi_loss_by_full_layer(kl, schedule, replace(distill, mode="multi"))
+    if own:
+        out["eval/indexer_loss"] = sum(own.values()) / len(own)
+    if multi:
+        out["eval/l_multi"] = sum(multi.values()) / len(multi)
+        out.update({f"eval/l_multi/layer{k}": v for k, v in multi.items()})
+    shared = [v for (a, b), v in kl.items() if a != b]
+    if shared:
+        out["eval/shared_kl"] = sum(shared) / len(shared)
+    out.update({f"eval/kl/{a}->{b}": v for (a, b), v in sorted(kl.items())})
+    out.update({f"eval/recall/layer{i}": v for i, v in sorted(recall.items())})
+    for name, want_full in (("eval/full_recall", True), ("eval/shared_recall", False)):
+        values = [v for i, v in recall.items() if schedule.is_full(i) == want_full]
+        if values:
+            out[name] = sum(values) / len(values)
     return out
