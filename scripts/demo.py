@@ -28,8 +28,19 @@ def main() -> int:
     run_dir = ROOT / "toy-local"
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     hf_dir = ROOT / "hf"
-    _run([sys.executable, "-m", "checkpoint_tools", "export", "--ckpt", str(ckpt), "--out", str(hf_dir),
-          "--overwrite"])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "checkpoint_tools",
+            "export",
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(hf_dir),
+            "--overwrite",
+        ]
+    )
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -44,7 +55,13 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     config = json.loads((hf_dir / "config.json").read_text())
     tok = load_tokenizer(REPO / "data" / "default" / "gpt2.tiktoken")
-    ids = torch.tensor([tok.tokenize("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.")])
+    ids = torch.tensor(
+        [
+            tok.tokenize(
+                "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife."
+            )
+        ]
+    )
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -20,7 +20,9 @@ def _summary(path: Path) -> str:
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
     else:
         lines = [
-            ln for ln in path.read_text().splitlines() if ln.startswith("#") and not ln.startswith("#!")
+            ln
+            for ln in path.read_text().splitlines()
+            if ln.startswith("#") and not ln.startswith("#!")
         ]
         doc = lines[0].lstrip("# ") if lines else ""
     first = doc.strip().splitlines()[0] if doc.strip() else ""

@@ -34,6 +34,10 @@ def repo_root() -> Path:
 def subprocess_env() -> dict[str, str]:
     """Environment for child processes (torchrun, train.py, checkpoint tools)."""
     env = dict(os.environ)
+    # In-process Megatron tests export MASTER_PORT & co.; a child (train.py, torchrun) must pick
+    # its own rendezvous instead of colliding with this process's (EADDRINUSE).
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TORCHDYNAMO_DISABLE", "1")

@@ -73,6 +73,11 @@ class DataConfig:
     eod_mask_loss: bool = False
     """Exclude positions whose input token is EOD from the loss (Megatron ``--eod-mask-loss``)."""
 
+    pack_documents: bool = False
+    """Treat the documents a sample packs (separated by EOD) as separate sequences: attention
+    (and top-k) never crosses a document boundary and RoPE positions restart at each document.
+    False: Megatron's default, a sample is one causal sequence across documents."""
+
     def __post_init__(self) -> None:
         self.validate()
 

@@ -35,7 +35,9 @@ def _kl_rows(p: torch.Tensor, z: torch.Tensor, valid: torch.Tensor) -> torch.Ten
 def _topk_logits(q_BCID, k_BTD, w_BCI, idx_BCK, scale):
     B, C, K = idx_BCK.shape
     safe = idx_BCK.long().clamp_min(0)
-    k_BCKD = torch.gather(k_BTD, 1, safe.reshape(B, C * K, 1).expand(-1, -1, k_BTD.shape[-1])).view(B, C, K, -1)
+    k_BCKD = torch.gather(k_BTD, 1, safe.reshape(B, C * K, 1).expand(-1, -1, k_BTD.shape[-1])).view(
+        B, C, K, -1
+    )
     dots_BCIK = torch.einsum("bcid,bckd->bcik", acc(q_BCID), acc(k_BCKD)) * scale
     return torch.einsum("bci,bcik->bck", acc(w_BCI), torch.relu(dots_BCIK))
 

@@ -23,7 +23,9 @@ def head_sum_probs_topk(
 ) -> torch.Tensor:
     """``sum_h P_h[s, slot]`` on the selected keys (absorbed layout), ``[B, S, K]`` fp32."""
     B, S, _, _ = q_BSHD.shape
-    out_BSK = torch.zeros(B, S, topk_BSK.shape[-1], dtype=acc(lse_BSH[:0]).dtype, device=q_BSHD.device)
+    out_BSK = torch.zeros(
+        B, S, topk_BSK.shape[-1], dtype=acc(lse_BSH[:0]).dtype, device=q_BSHD.device
+    )
     kv = acc(kv_BTD)
     for s0, s1 in chunks(S, chunk):
         idx_BCK = topk_BSK[:, s0:s1]

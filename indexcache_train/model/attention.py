@@ -85,7 +85,9 @@ class DSACoreAttention(MegatronModule):
                 f"layer {layer_index} is {'Full' if is_full else 'Shared'} in the schedule but its "
                 f"spec {'lacks' if is_full else 'has'} an indexer"
             )
-        self.indexer = build_module(submodules.indexer, config=config, dims=dims) if is_full else None
+        self.indexer = (
+            build_module(submodules.indexer, config=config, dims=dims) if is_full else None
+        )
 
     @property
     def is_full(self) -> bool:
@@ -129,18 +131,40 @@ class DSASelfAttention(MegatronModule):
         self.cp_group = cp if cp is not None and cp.size() > 1 else None
         self.cp_size = cp.size() if self.cp_group is not None else 1
 
-        col = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False,
-                   gather_output=False, is_expert=False, tp_group=self.tp_group)
+        col = dict(
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            skip_bias_add=False,
+            gather_output=False,
+            is_expert=False,
+            tp_group=self.tp_group,
+        )
         dup = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False)
-        self.linear_q_down_proj = build_module(submodules.linear_q_down_proj, dims.hidden_size, dims.q_lora_rank, **dup)
-        self.q_layernorm = build_module(submodules.q_layernorm, config=config, hidden_size=dims.q_lora_rank, eps=dims.latent_norm_eps)
+        self.linear_q_down_proj = build_module(
+            submodules.linear_q_down_proj, dims.hidden_size, dims.q_lora_rank, **dup
+        )
+        self.q_layernorm = build_module(
+            submodules.q_layernorm,
+            config=config,
+            hidden_size=dims.q_lora_rank,
+            eps=dims.latent_norm_eps,
+        )
         self.linear_q_up_proj = build_module(
             submodules.linear_q_up_proj, dims.q_lora_rank, dims.num_heads * dims.qk_head_dim, **col
         )
         self.linear_kv_down_proj = build_module(
-            submodules.linear_kv_down_proj, dims.hidden_size, dims.kv_lora_rank + dims.qk_rope_head_dim, **dup
+            submodules.linear_kv_down_proj,
+            dims.hidden_size,
+            dims.kv_lora_rank + dims.qk_rope_head_dim,
+            **dup,
         )
-        self.kv_layernorm = build_module(submodules.kv_layernorm, config=config, hidden_size=dims.kv_lora_rank, eps=dims.latent_norm_eps)
+        self.kv_layernorm = build_module(
+            submodules.kv_layernorm,
+            config=config,
+            hidden_size=dims.kv_lora_rank,
+            eps=dims.latent_norm_eps,
+        )
         self.linear_kv_up_proj = build_module(
             submodules.linear_kv_up_proj,
             dims.kv_lora_rank,
@@ -148,7 +172,11 @@ class DSASelfAttention(MegatronModule):
             **col,
         )
         self.core_attention = build_module(
-            submodules.core_attention, config=config, dims=dims, layer_index=self.layer_index, schedule=schedule
+            submodules.core_attention,
+            config=config,
+            dims=dims,
+            layer_index=self.layer_index,
+            schedule=schedule,
         )
         self.linear_proj = build_module(
             submodules.linear_proj,
@@ -202,7 +230,9 @@ class DSASelfAttention(MegatronModule):
 
         cos, sin = dsa_state.rotary(self.rotary, q.dtype)
         q_nope_BSHD = q_SBHD[..., : dims.qk_nope_head_dim].transpose(0, 1)
-        q_pe_BSHR = apply_rope(q_SBHD[..., dims.qk_nope_head_dim :].transpose(0, 1), cos, sin, dims.rope_interleave)
+        q_pe_BSHR = apply_rope(
+            q_SBHD[..., dims.qk_nope_head_dim :].transpose(0, 1), cos, sin, dims.rope_interleave
+        )
         k_pe_BTR = apply_rope(k_pe.transpose(0, 1), cos, sin, dims.rope_interleave)
         if self.cp_group is not None and dsa_state.key_range is None:
             raise ValueError(
@@ -245,7 +275,9 @@ class DSASelfAttention(MegatronModule):
     def _kv_up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head key/value halves of ``linear_kv_up_proj``: ``[H, nope, r]``, ``[H, v, r]``."""
         d = self.dims
-        w = self.linear_kv_up_proj.weight.view(self.heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank)
+        w = self.linear_kv_up_proj.weight.view(
+            self.heads, d.qk_nope_head_dim + d.v_head_dim, d.kv_lora_rank
+        )
         return w[:, : d.qk_nope_head_dim], w[:, d.qk_nope_head_dim :]
 
     # ------------------------------------------------------------------ dense (warm-up)
@@ -254,7 +286,9 @@ class DSASelfAttention(MegatronModule):
         if self.cp_group is None:
             kv = self.linear_kv_up_proj(c_kv_SBR)[0]  # gathers SP rows itself
         else:
-            latent = self.gather_keys_BT(self._gather_rows(c_kv_SBR).transpose(0, 1)).transpose(0, 1)
+            latent = self.gather_keys_BT(self._gather_rows(c_kv_SBR).transpose(0, 1)).transpose(
+                0, 1
+            )
             kv = self._column_parallel(self.linear_kv_up_proj, latent)
             k_pe_BTR = self.gather_keys_BT(k_pe_BTR)
         T = kv.shape[0]
@@ -265,14 +299,37 @@ class DSASelfAttention(MegatronModule):
         # Dense attention needs no top-k; the recall metric does (a Shared layer: its source's).
         topk_BSK = step.select_topk() if step.state.measure_recall else None
         step.publish(topk_BSK)
-        out, lse = ops.dense_attention(q_BSHD, k_BTHD, v_BTHV, d.softmax_scale, step.key_range,
-                                       backend=self.kernel_backend)
+        out, lse = ops.dense_attention(
+            q_BSHD, k_BTHD, v_BTHV, d.softmax_scale, step.key_range, backend=self.kernel_backend
+        )
         if topk_BSK is not None:
-            step.record_recall(topk_BSK, lambda s0, s1, valid: head_sum_probs_dense(
-                q_BSHD[:, s0:s1].detach(), k_BTHD.detach(), lse[:, s0:s1], valid, d.softmax_scale))
-        return step.add_term(out, lambda iq, ik, iw, scale: dense_term(
-            q_BSHD.detach(), k_BTHD.detach(), lse, step.key_range, d.softmax_scale, iq, ik, iw,
-            scale, self.tp_group, step.state.distill.chunk, backend=self.kernel_backend))
+            step.record_recall(
+                topk_BSK,
+                lambda s0, s1, valid: head_sum_probs_dense(
+                    q_BSHD[:, s0:s1].detach(),
+                    k_BTHD.detach(),
+                    lse[:, s0:s1],
+                    valid,
+                    d.softmax_scale,
+                ),
+            )
+        return step.add_term(
+            out,
+            lambda iq, ik, iw, scale: dense_term(
+                q_BSHD.detach(),
+                k_BTHD.detach(),
+                lse,
+                step.key_range,
+                d.softmax_scale,
+                iq,
+                ik,
+                iw,
+                scale,
+                self.tp_group,
+                step.state.distill.chunk,
+                backend=self.kernel_backend,
+            ),
+        )
 
     # ------------------------------------------------------------------ sparse
     def _sparse(self, q_nope, q_pe, c_kv_SBR, k_pe_BTR, step: _LayerStep) -> torch.Tensor:
@@ -284,21 +341,47 @@ class DSASelfAttention(MegatronModule):
         step.publish(topk_BSK)
         if step.state.captured_topk is not None:
             step.state.captured_topk[self.layer_index] = topk_BSK
-        lat_BSHR, lse = ops.sparse_mla(q_abs_BSHD, kv_BTD, topk_BSK, d.softmax_scale, d.kv_lora_rank,
-                                       backend=self.kernel_backend)
+        lat_BSHR, lse = ops.sparse_mla(
+            q_abs_BSHD,
+            kv_BTD,
+            topk_BSK,
+            d.softmax_scale,
+            d.kv_lora_rank,
+            backend=self.kernel_backend,
+        )
         if step.state.measure_recall:
-            step.record_recall(topk_BSK, lambda s0, s1, valid: head_sum_probs_all_keys(
-                q_abs_BSHD[:, s0:s1].detach(), kv_BTD.detach(), valid, d.softmax_scale))
+            step.record_recall(
+                topk_BSK,
+                lambda s0, s1, valid: head_sum_probs_all_keys(
+                    q_abs_BSHD[:, s0:s1].detach(), kv_BTD.detach(), valid, d.softmax_scale
+                ),
+            )
         out = torch.einsum("bshr,hvr->bshv", lat_BSHR, w_uv_HVR)
-        return step.add_term(out, lambda iq, ik, iw, scale: sparse_term(
-            q_abs_BSHD.detach(), kv_BTD.detach(), lse, topk_BSK, d.softmax_scale, iq, ik, iw,
-            scale, self.tp_group, step.state.distill.chunk, backend=self.kernel_backend))
+        return step.add_term(
+            out,
+            lambda iq, ik, iw, scale: sparse_term(
+                q_abs_BSHD.detach(),
+                kv_BTD.detach(),
+                lse,
+                topk_BSK,
+                d.softmax_scale,
+                iq,
+                ik,
+                iw,
+                scale,
+                self.tp_group,
+                step.state.distill.chunk,
+                backend=self.kernel_backend,
+            ),
+        )
 
 
 class _LayerStep:
     """One layer's forward against the per-forward state: top-k, publishing, distillation term."""
 
-    def __init__(self, attn: DSASelfAttention, state: DSAForwardState, x_SBH, qr_SBR, cos, sin, key_range) -> None:
+    def __init__(
+        self, attn: DSASelfAttention, state: DSAForwardState, x_SBH, qr_SBR, cos, sin, key_range
+    ) -> None:
         self.attn, self.state, self.key_range = attn, state, key_range
         self.cos, self.sin = cos, sin
         core = attn.core_attention
@@ -340,8 +423,15 @@ class _LayerStep:
             with torch.no_grad():
                 iq, ik, iw = indexer(self.x_BSH, self.qr_BSR, self.cos, self.sin)
                 ik = self.attn.gather_keys_BT(ik)
-        return ops.indexer_topk(iq, ik, iw, self.attn.dims.index_topk, indexer.softmax_scale,
-                                self.key_range, backend=self.attn.kernel_backend)
+        return ops.indexer_topk(
+            iq,
+            ik,
+            iw,
+            self.attn.dims.index_topk,
+            indexer.softmax_scale,
+            self.key_range,
+            backend=self.attn.kernel_backend,
+        )
 
     def publish(self, topk_BSK: torch.Tensor | None) -> None:
         if self.is_full and self.needs_entry and not self.state.is_recompute:
@@ -355,14 +445,22 @@ class _LayerStep:
         ``probs_fn(s0, s1, valid_BCT)`` gives this rank's heads' summed probabilities over all
         keys; they are summed over tensor-parallel ranks so every rank ranks all heads' mass.
         """
-        num_keys = self.x_BSH.shape[1] * self.attn.cp_size  # all key positions (SP- and CP-gathered)
+        num_keys = (
+            self.x_BSH.shape[1] * self.attn.cp_size
+        )  # all key positions (SP- and CP-gathered)
 
         def head_sum(s0: int, s1: int) -> torch.Tensor:
             valid_BCT = self.key_range.rows(s0, s1).dense_mask(num_keys)
             return tp_sum(probs_fn(s0, s1, valid_BCT), self.attn.tp_group)
 
-        value = topk_recall(head_sum, self.key_range, topk_BSK, self.attn.dims.index_topk, num_keys,
-                            self.state.distill.chunk)
+        value = topk_recall(
+            head_sum,
+            self.key_range,
+            topk_BSK,
+            self.attn.dims.index_topk,
+            num_keys,
+            self.state.distill.chunk,
+        )
         self.state.record_recall(self.layer, value)
 
     def add_term(self, out_BSHV: torch.Tensor, term_fn) -> torch.Tensor:
@@ -376,15 +474,14 @@ class _LayerStep:
         # Megatron divides every gradient by the global token count. Otherwise per query row of
         # the whole sequence: under CP each rank holds 1/cp of the rows and Megatron scales
         # auxiliary losses by cp, so the local sum is divided by the global row count.
-        rows = out_BSHV.shape[0] * out_BSHV.shape[1] * self.attn.cp_size
-        if self.attn.config.calculate_per_token_loss:
-            rows = 1
+        local_rows = out_BSHV.shape[0] * out_BSHV.shape[1]
+        rows = 1 if self.attn.config.calculate_per_token_loss else local_rows * self.attn.cp_size
         with torch.set_grad_enabled(self.state.distill.compute_grad):
             kl_sum = term_fn(*self.proj)
             # Scaled inside the grad-enabled block: a frozen trunk runs under no_grad, and a
             # product taken there would be a graph-less constant (the indexers would not learn).
             loss = kl_sum * (weight * self.state.distill.loss_coeff / rows)
-        self.state.record_kl(source, self.layer, kl_sum.detach() / rows)
+        self.state.record_kl(source, self.layer, kl_sum.detach() / local_rows)  # per-row mean
         if weight == 0.0 or not kl_sum.requires_grad:
             return out_BSHV
         if torch.is_grad_enabled():

@@ -180,7 +180,9 @@ class DSAForwardState:
         return sorted(self._entries)
 
     # ---------------------------------------------------------------- rope cache
-    def rotary(self, tables: torch.nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(
+        self, tables: torch.nn.Module, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for this forward's positions, computed once and shared by every layer."""
         key = (id(tables), dtype)
         if key not in self._rope_cache:
@@ -188,7 +190,9 @@ class DSAForwardState:
         return self._rope_cache[key]
 
     # ---------------------------------------------------------------- frozen-trunk losses
-    def attach_pending(self, output: torch.Tensor, input_tensor: torch.Tensor | None) -> torch.Tensor:
+    def attach_pending(
+        self, output: torch.Tensor, input_tensor: torch.Tensor | None
+    ) -> torch.Tensor:
         """Attach the terms of a frozen (no-graph) trunk to this pipeline stage's output.
 
         Backward then delivers the schedule's loss scale to every term (training the indexers)
@@ -203,7 +207,9 @@ class DSAForwardState:
         with torch.enable_grad():
             total = torch.stack([t.reshape(()) for t in self.pending_losses]).sum()
             self.pending_losses.clear()
-            return _AttachFrozen.apply(output, input_tensor if input_tensor is not None else total, total)
+            return _AttachFrozen.apply(
+                output, input_tensor if input_tensor is not None else total, total
+            )
 
     # ---------------------------------------------------------------- logging
     def record_kl(self, full_layer: int, served_layer: int, value: torch.Tensor) -> None:

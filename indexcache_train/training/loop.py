@@ -42,7 +42,7 @@ class _Stop:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self.previous[sig] = signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+    def _handle(self, signum, frame) -> None:
         self.requested = True
 
     def agreed(self, device: torch.device) -> bool:
@@ -53,8 +53,11 @@ class _Stop:
 
 
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        force=True,
+    )
     # Megatron logs every DDP bucket and optimizer setting at INFO; keep the step lines readable.
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
@@ -64,12 +67,25 @@ def _data(cfg: TrainConfig, resolved: Resolved, consumed: int, dp_rank: int):
 
     o = cfg.optim
     total_samples = cfg.total_steps * o.global_batch_size
-    eval_runs = (cfg.total_steps // cfg.logging.eval_interval if cfg.logging.eval_interval else 0) + 1
+    eval_runs = (
+        cfg.total_steps // cfg.logging.eval_interval if cfg.logging.eval_interval else 0
+    ) + 1
     valid_samples = eval_runs * cfg.logging.eval_iters * o.global_batch_size
-    train_ds, valid_ds = build_datasets(cfg.data, seq_length=cfg.model.seq_length, train_samples=total_samples,
-                                        valid_samples=valid_samples, seed=cfg.run.seed)
-    loader = build_dataloader(train_ds, o.micro_batch_size, consumed, data_parallel_rank=dp_rank,
-                              data_parallel_size=resolved.data_parallel_size, num_workers=cfg.data.num_workers)
+    train_ds, valid_ds = build_datasets(
+        cfg.data,
+        seq_length=cfg.model.seq_length,
+        train_samples=total_samples,
+        valid_samples=valid_samples,
+        seed=cfg.run.seed,
+    )
+    loader = build_dataloader(
+        train_ds,
+        o.micro_batch_size,
+        consumed,
+        data_parallel_rank=dp_rank,
+        data_parallel_size=resolved.data_parallel_size,
+        num_workers=cfg.data.num_workers,
+    )
     return iter(loader), valid_ds
 
 
@@ -79,7 +95,10 @@ def _files(cfg: TrainConfig, resolved: Resolved) -> dict[str, str]:
     # The same model_config.yaml `checkpoint_tools import` writes: `export` reads trainer
     # checkpoints directly.
     model = resolved.model
-    return {"run_config.yaml": to_yaml(cfg), MODEL_CONFIG_NAME: model_config_yaml(model.to_hf_config(), model)}
+    return {
+        "run_config.yaml": to_yaml(cfg),
+        MODEL_CONFIG_NAME: model_config_yaml(model.to_hf_config(), model),
+    }
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:
@@ -129,12 +148,33 @@ def run(cfg: TrainConfig) -> dict[str, float]:
 
     dp_rank = ps.get_data_parallel_rank()
     train_iter, valid_ds = _data(cfg, resolved, consumed, dp_rank)
-    runner = StepRunner(resolved.model.schedule, cfg.model.seq_length, cfg.optim.micro_batch_size, device)
-    peak = cfg.logging.peak_tflops or (device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    eod = None
+    if cfg.data.pack_documents:
+        from indexcache_train.data import load_tokenizer
+
+        eod = load_tokenizer(cfg.data.tokenizer_path()).eod
+    runner = StepRunner(
+        resolved.model.schedule,
+        cfg.model.seq_length,
+        cfg.optim.micro_batch_size,
+        device,
+        cp_size=ps.get_context_parallel_world_size(),
+        cp_rank=ps.get_context_parallel_rank(),
+        packed_eod=eod,
+    )
+    peak = cfg.logging.peak_tflops or (
+        device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    )
     meter = Throughput(ranks.world_size, peak)
     is_logging_rank = ranks.rank == 0
-    logger = make_logger(cfg.logging.wandb_mode, cfg.logging.wandb_project, out_dir.name,
-                         dataclasses.asdict(cfg), str(out_dir), is_logging_rank)
+    logger = make_logger(
+        cfg.logging.wandb_mode,
+        cfg.logging.wandb_project,
+        out_dir.name,
+        dataclasses.asdict(cfg),
+        str(out_dir),
+        is_logging_rank,
+    )
     stop = _Stop()
     stop.install()
     metrics: dict[str, float] = {}
@@ -143,15 +183,25 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     if cfg.logging.eval_interval and start_step == 0:
         # Baseline before the first update (e.g. L_multi of the loaded indexers).
         first = position(cfg, 0)
-        _record_eval(out_dir, 0, first.stage.name,
-                     _evaluate(cfg, resolved, wrapped, runner, valid_ds, first, device, is_logging_rank), is_logging_rank)
+        _record_eval(
+            out_dir,
+            0,
+            first.stage.name,
+            _evaluate(cfg, resolved, wrapped, runner, valid_ds, first, device, is_logging_rank),
+            is_logging_rank,
+        )
     while step < total:
         pos = position(cfg, step)
         if pos.index != wrap_index:
             wrapped = switch_stage(cfg, wrapped, tcfg, pos.stage)
             wrap_index = pos.index
-            log.info("stage switch at step %d -> %s (trainable: %s, attention: %s)",
-                     step, pos.stage.name, pos.stage.trainable, pos.stage.attention)
+            log.info(
+                "stage switch at step %d -> %s (trainable: %s, attention: %s)",
+                step,
+                pos.stage.name,
+                pos.stage.trainable,
+                pos.stage.attention,
+            )
         metrics = _train_step(cfg, resolved, wrapped, runner, train_iter, pos, step, meter, device)
         step += 1
         steps_this_process += 1
@@ -159,17 +209,27 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         if is_logging_rank and (step % cfg.logging.log_interval == 0 or step == total):
             log.info(step_line(step, total, pos.stage.name, metrics, meter.eta_s(total - step)))
         if is_logging_rank:
-            with open(out_dir / "metrics.jsonl", "a") as f:  # every step; golden curves and resume checks
+            with open(
+                out_dir / "metrics.jsonl", "a"
+            ) as f:  # every step; golden curves and resume checks
                 f.write(json.dumps({"step": step, "stage": pos.stage.name, **metrics}) + "\n")
         logger.log(metrics, step)
         if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and step < total:
-            evaluated = _evaluate(cfg, resolved, wrapped, runner, valid_ds, pos, device, is_logging_rank)
+            evaluated = _evaluate(
+                cfg, resolved, wrapped, runner, valid_ds, pos, device, is_logging_rank
+            )
             _record_eval(out_dir, step, pos.stage.name, evaluated, is_logging_rank)
             metrics.update(evaluated)
         reason = _save_reason(cfg, pos, step, total, stop, device, steps_this_process)
         if reason:
             state = ckpt.TrainerState(step, pos.index, consumed, reason)
-            d = ckpt.save(ckpt_root, [c.module for c in wrapped.ddp_chunks], wrapped.optimizer, state, _files(cfg, resolved))
+            d = ckpt.save(
+                ckpt_root,
+                [c.module for c in wrapped.ddp_chunks],
+                wrapped.optimizer,
+                state,
+                _files(cfg, resolved),
+            )
             stage_ends = {ckpt.step_dir(ckpt_root, s).name for s in _stage_end_steps(cfg)}
             ckpt.apply_retention(ckpt_root, cfg.checkpoint.keep_last, stage_ends)
             if is_logging_rank:
@@ -178,11 +238,18 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 break
     if step == total:
         last = position(cfg, total - 1)
-        evaluated = _evaluate(cfg, resolved, wrapped, runner, valid_ds, last, device, is_logging_rank)
+        evaluated = _evaluate(
+            cfg, resolved, wrapped, runner, valid_ds, last, device, is_logging_rank
+        )
         _record_eval(out_dir, step, last.stage.name, evaluated, is_logging_rank)
         metrics.update(evaluated)
         if is_logging_rank:
-            log.info("final eval | " + " | ".join(f"{k} {v:.5g}" for k, v in sorted(metrics.items()) if k.startswith("eval/")))
+            log.info(
+                "final eval | "
+                + " | ".join(
+                    f"{k} {v:.5g}" for k, v in sorted(metrics.items()) if k.startswith("eval/")
+                )
+            )
     logger.log(metrics, step)
     logger.finish()
     return metrics
@@ -215,7 +282,17 @@ def _save_reason(cfg, pos, step, total, stop: _Stop, device, steps_this_process)
     return None
 
 
-def _train_step(cfg, resolved, wrapped: Wrapped, runner: StepRunner, train_iter: Iterator, pos, step, meter, device):
+def _train_step(
+    cfg,
+    resolved,
+    wrapped: Wrapped,
+    runner: StepRunner,
+    train_iter: Iterator,
+    pos,
+    step,
+    meter,
+    device,
+):
     stage = pos.stage
     lr = apply_lr(wrapped.optimizer, stage, pos.step_in_stage, cfg.optim.weight_decay)
     for c in wrapped.ddp_chunks:
@@ -223,14 +300,21 @@ def _train_step(cfg, resolved, wrapped: Wrapped, runner: StepRunner, train_iter:
     wrapped.optimizer.zero_grad()
     frozen = stage.trainable == "indexers"
     result = runner.run(
-        wrapped.ddp_chunks, train_iter, resolved.num_microbatches, attention=stage.attention,
-        distill=distill_settings(cfg), frozen_trunk=frozen, forward_only=False,
+        wrapped.ddp_chunks,
+        train_iter,
+        resolved.num_microbatches,
+        attention=stage.attention,
+        distill=distill_settings(cfg),
+        frozen_trunk=frozen,
+        forward_only=False,
     )
     ok, grad_norm, _ = wrapped.optimizer.step()
     if not math.isfinite(result.lm_loss) and not frozen:
         raise FloatingPointError(f"non-finite LM loss at step {step + 1}: {result.lm_loss}")
     tokens = cfg.optim.global_batch_size * cfg.model.seq_length
-    flops = step_flops(resolved.model, cfg.model.seq_length, tokens, stage.attention, not frozen, cfg.distill.mode)
+    flops = step_flops(
+        resolved.model, cfg.model.seq_length, tokens, stage.attention, not frozen, cfg.distill.mode
+    )
     per_full = multi_loss_by_full_layer(result.kl, resolved.model.schedule, distill_settings(cfg))
     metrics = {
         "loss/lm": result.lm_loss,
@@ -238,6 +322,7 @@ def _train_step(cfg, resolved, wrapped: Wrapped, runner: StepRunner, train_iter:
         "loss/indexer": sum(per_full.values()) / len(per_full) if per_full else float("nan"),
         "optim/lr": lr,
         "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "optim/indexer_grad_norm": _group_grad_norm(wrapped.optimizer, "indexer"),
         "optim/update_ok": float(bool(ok)),
         "memory/gib": memory_gib(device),
         "flops/total": flops.total,
@@ -248,7 +333,21 @@ def _train_step(cfg, resolved, wrapped: Wrapped, runner: StepRunner, train_iter:
     return metrics
 
 
-def _evaluate(cfg, resolved, wrapped: Wrapped, runner: StepRunner, valid_ds, pos, device, is_logging_rank) -> dict[str, float]:
+def _group_grad_norm(optimizer, group: str) -> float:
+    """Norm of a separately clipped parameter group (the indexers are clipped on their own, so
+    the main ``grad_norm`` leaves them out; in the warm-up it is 0)."""
+    norms = [
+        o.grad_norms_by_group.get(group)
+        for o in getattr(optimizer, "chained_optimizers", [optimizer])
+        if getattr(o, "grad_norms_by_group", None)
+    ]
+    norms = [float(n) for n in norms if n is not None]
+    return math.sqrt(sum(n * n for n in norms)) if norms else float("nan")
+
+
+def _evaluate(
+    cfg, resolved, wrapped: Wrapped, runner: StepRunner, valid_ds, pos, device, is_logging_rank
+) -> dict[str, float]:
     """Held-out LM loss, every served layer's KL term and every layer's top-k recall, with the
     current stage's attention (no graphs). The same first ``eval_iters`` validation batches
     every time, so evaluations compare across steps and runs."""
@@ -256,9 +355,16 @@ def _evaluate(cfg, resolved, wrapped: Wrapped, runner: StepRunner, valid_ds, pos
         return {}
     from indexcache_train.data import build_dataloader
 
-    loader = iter(build_dataloader(valid_ds, cfg.optim.micro_batch_size, 0,
-                                   data_parallel_rank=ps.get_data_parallel_rank(),
-                                   data_parallel_size=resolved.data_parallel_size, num_workers=0))
+    loader = iter(
+        build_dataloader(
+            valid_ds,
+            cfg.optim.micro_batch_size,
+            0,
+            data_parallel_rank=ps.get_data_parallel_rank(),
+            data_parallel_size=resolved.data_parallel_size,
+            num_workers=0,
+        )
+    )
     for c in wrapped.ddp_chunks:
         c.eval()
     # Measure the terms of *every* served layer (multi mode, no graph) whatever the run trains
@@ -267,8 +373,16 @@ def _evaluate(cfg, resolved, wrapped: Wrapped, runner: StepRunner, valid_ds, pos
     lm, kl, recall, n = 0.0, {}, {}, 0
     with torch.no_grad():
         for _ in range(cfg.logging.eval_iters):
-            r = runner.run(wrapped.ddp_chunks, loader, resolved.num_microbatches, attention=pos.stage.attention,
-                           distill=measure, frozen_trunk=False, forward_only=True, measure_recall=True)
+            r = runner.run(
+                wrapped.ddp_chunks,
+                loader,
+                resolved.num_microbatches,
+                attention=pos.stage.attention,
+                distill=measure,
+                frozen_trunk=False,
+                forward_only=True,
+                measure_recall=True,
+            )
             lm += r.lm_loss
             n += 1
             for k, v in r.kl.items():
@@ -280,11 +394,15 @@ def _evaluate(cfg, resolved, wrapped: Wrapped, runner: StepRunner, valid_ds, pos
     return eval_metrics(lm / max(n, 1), kl, recall, resolved.model.schedule, distill_settings(cfg))
 
 
-def _record_eval(out_dir: Path, step: int, stage: str, metrics: dict[str, float], is_logging_rank: bool) -> None:
+def _record_eval(
+    out_dir: Path, step: int, stage: str, metrics: dict[str, float], is_logging_rank: bool
+) -> None:
     """``eval.jsonl`` (one line per evaluation; ``metrics.jsonl`` keeps one line per step)."""
     if not is_logging_rank or not metrics:
         return
     with open(out_dir / "eval.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "stage": stage, **metrics}) + "\n")
     keys = ("eval/lm_loss", "eval/l_multi", "eval/shared_kl", "eval/shared_recall")
-    log.info(f"eval @ step {step} | " + " | ".join(f"{k} {metrics[k]:.5g}" for k in keys if k in metrics))
+    log.info(
+        f"eval @ step {step} | " + " | ".join(f"{k} {metrics[k]:.5g}" for k in keys if k in metrics)
+    )

@@ -58,6 +58,8 @@ def parallel_settings(
         moe_router_bias_update_rate=o.moe_router_bias_update_rate,
         moe_aux_loss_coeff=o.moe_aux_loss_coeff,
         mtp_loss_scaling_factor=o.mtp_loss_scaling_factor,
+        # Per-token loss: exact global token mean for every layout (see training.step).
+        calculate_per_token_loss=True,
     )
 
 
@@ -199,7 +201,9 @@ def export_optimizer_state(
         group = opt.data_parallel_group
         for name in names:
             p = params[name]
-            if p not in opt.model_param_group_index_map and not _owned_anywhere(opt, p):
+            # Participation must not depend on this rank's shard (a rank owning no piece of p
+            # must still join the all-reduce): use buffer membership, identical on all ranks.
+            if not any(p in buf.param_index_map for buf in opt.buffers):
                 continue
             full: dict[str, torch.Tensor] = {}
             step = torch.zeros((), dtype=torch.float64, device=p.device)
@@ -234,15 +238,6 @@ def init_optimizer_state(optimizer, step: float = 0.0) -> None:
         for group in opt.optimizer.param_groups:
             for main in group["params"]:
                 opt.optimizer.state[main]["step"] = torch.tensor(step, dtype=torch.float32)
-
-
-def _owned_anywhere(opt, p: torch.Tensor) -> bool:
-    return any(
-        p in gbuf[dtype][b]["param_map"]
-        for gbuf in opt.gbuf_ranges
-        for dtype in gbuf
-        for b in range(len(gbuf[dtype]))
-    )
 
 
 @torch.no_grad()

@@ -18,7 +18,10 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from indexcache_train.data.packing import from_eod
 from indexcache_train.model.forward_state import DistillSettings, DSAForwardState
+from indexcache_train.ops.masking import KeyRange
+from indexcache_train.parallel.context_parallel import split_for_rank
 from indexcache_train.schedule import IndexCacheSchedule
 
 
@@ -34,44 +37,114 @@ class StepResult:
 class StepRunner:
     """Builds per-micro-batch states, runs the pipeline schedule, gathers metrics."""
 
-    def __init__(self, schedule: IndexCacheSchedule, seq_length: int, micro_batch_size: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        schedule: IndexCacheSchedule,
+        seq_length: int,
+        micro_batch_size: int,
+        device: torch.device,
+        *,
+        cp_size: int = 1,
+        cp_rank: int = 0,
+        packed_eod: int | None = None,
+    ) -> None:
         self.schedule = schedule
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
         self.device = device
+        self.cp_size, self.cp_rank = cp_size, cp_rank
+        #: EOD token id when samples pack several documents (attention stays inside each).
+        self.packed_eod = packed_eod
         self._states: list[DSAForwardState] = []
         self._pairs = [(g.source, m) for g in schedule.groups for m in g.members]
 
     # ------------------------------------------------------------------ Megatron callbacks
-    def _forward_step(self, data_iterator: Iterator[dict], model, *, attention: str,
-                      distill: DistillSettings, frozen_trunk: bool, measure_recall: bool = False):
+    def _forward_step(
+        self,
+        data_iterator: Iterator[dict],
+        model,
+        *,
+        attention: str,
+        distill: DistillSettings,
+        frozen_trunk: bool,
+        measure_recall: bool = False,
+    ):
         batch = next(data_iterator)
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        loss_mask = batch["loss_mask"].to(self.device, non_blocking=True).float()
-        position_ids = batch["position_ids"].to(self.device, non_blocking=True)
-        state = DSAForwardState(self.schedule, position_ids, attention=attention, distill=distill,  # type: ignore[arg-type]
-                                measure_recall=measure_recall)
+        tokens, labels, loss_mask, position_ids, key_range = self._local_batch(batch)
+        state = DSAForwardState(
+            self.schedule,
+            position_ids,
+            key_range=key_range,
+            attention=attention,  # type: ignore[arg-type]
+            distill=distill,
+            measure_recall=measure_recall,
+        )
         self._states.append(state)
         with torch.no_grad() if frozen_trunk else nullcontext():
-            output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask, dsa_state=state)
+            output = model(
+                tokens, position_ids, None, labels=labels, loss_mask=loss_mask, dsa_state=state
+            )
         return output, partial(self._loss, loss_mask)
+
+    def _local_batch(self, batch: dict):
+        """This rank's rows: packed-document layout, then the context-parallel zigzag split.
+
+        Positions restart per document when samples are packed (``packed_eod``); the key range
+        keeps every query inside its document and, under CP, gives each local row its global
+        position in the stream (keys are gathered over the CP group inside attention).
+        """
+        dev = self.device
+        tokens = batch["tokens"].to(dev, non_blocking=True)
+        labels = batch["labels"].to(dev, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(dev, non_blocking=True).float()
+        position_ids = batch["position_ids"].to(dev, non_blocking=True)
+        B, S = tokens.shape
+        key_start = None
+        if self.packed_eod is not None:
+            layout = from_eod(tokens, self.packed_eod)
+            position_ids, key_start = layout.position_ids_BS, layout.key_start_BS
+        if self.cp_size == 1:
+            key_range = None if key_start is None else KeyRange.build(B, S, dev, None, key_start)
+            return tokens, labels, loss_mask, position_ids, key_range
+        split = lambda t: split_for_rank(t, self.cp_size, self.cp_rank)  # noqa: E731
+        query_index = split(torch.arange(S, device=dev).expand(B, S))
+        key_start = None if key_start is None else split(key_start)
+        tokens, labels, loss_mask, position_ids = (
+            split(t) for t in (tokens, labels, loss_mask, position_ids)
+        )
+        key_range = KeyRange.build(B, S // self.cp_size, dev, query_index, key_start)
+        return tokens, labels, loss_mask, position_ids, key_range
 
     @staticmethod
     def _loss(loss_mask: torch.Tensor, output: torch.Tensor):
-        n = loss_mask.sum().clamp_min(1.0)
-        loss = (output.float() * loss_mask).sum() / n
-        return loss, {"lm_loss": torch.stack([loss.detach() * n, n.detach()])}
+        # Megatron's per-token form (sum, tokens): gradients are divided by the global token
+        # count in finalize_model_grads, the same for every TP/CP/DP layout and micro-batching.
+        n = loss_mask.sum()
+        total = (output.float() * loss_mask).sum()
+        return total, n.to(torch.int), {"lm_loss": torch.stack([total.detach(), n.detach()])}
 
     # ------------------------------------------------------------------ public
-    def run(self, chunks: list, data_iterator: Any, num_microbatches: int, *, attention: str,
-            distill: DistillSettings, frozen_trunk: bool, forward_only: bool,
-            measure_recall: bool = False) -> StepResult:
+    def run(
+        self,
+        chunks: list,
+        data_iterator: Any,
+        num_microbatches: int,
+        *,
+        attention: str,
+        distill: DistillSettings,
+        frozen_trunk: bool,
+        forward_only: bool,
+        measure_recall: bool = False,
+    ) -> StepResult:
         self._states.clear()
         forward_backward = get_forward_backward_func()
-        step = partial(self._forward_step, attention=attention, distill=distill, frozen_trunk=frozen_trunk,
-                       measure_recall=measure_recall)
+        step = partial(
+            self._forward_step,
+            attention=attention,
+            distill=distill,
+            frozen_trunk=frozen_trunk,
+            measure_recall=measure_recall,
+        )
         out = forward_backward(
             forward_step_func=step,
             data_iterator=data_iterator if len(chunks) == 1 else [data_iterator] * len(chunks),
@@ -108,12 +181,15 @@ class StepRunner:
         lm_loss = float(lm[0] / lm[1]) if lm[1] > 0 else float("nan")
         kl_mean = {p: float(kl[i, 0] / kl[i, 1]) for p, i in index.items() if kl[i, 1] > 0}
         # Rows are summed over micro-batches and ranks before dividing (a row-weighted mean).
-        recall_mean = {m: float(recall[i, 0] / recall[i, 1]) for i, m in enumerate(layers) if recall[i, 1] > 0}
+        recall_mean = {
+            m: float(recall[i, 0] / recall[i, 1]) for i, m in enumerate(layers) if recall[i, 1] > 0
+        }
         return StepResult(lm_loss, kl_mean, int(lm[1]), recall_mean)
 
 
-def multi_loss_by_full_layer(kl: dict[tuple[int, int], float], schedule: IndexCacheSchedule,
-                             distill: DistillSettings) -> dict[int, float]:
+def multi_loss_by_full_layer(
+    kl: dict[tuple[int, int], float], schedule: IndexCacheSchedule, distill: DistillSettings
+) -> dict[int, float]:
     """L_multi per Full layer: sum_j w_j KL(p^(l+j) || q^(l)) (means over rows)."""
     out: dict[int, float] = {}
     for g in schedule.groups:
@@ -123,8 +199,13 @@ def multi_loss_by_full_layer(kl: dict[tuple[int, int], float], schedule: IndexCa
     return out
 
 
-def eval_metrics(lm_loss: float, kl: dict[tuple[int, int], float], recall: dict[int, float],
-                 schedule: IndexCacheSchedule, distill: DistillSettings) -> dict[str, float]:
+def eval_metrics(
+    lm_loss: float,
+    kl: dict[tuple[int, int], float],
+    recall: dict[int, float],
+    schedule: IndexCacheSchedule,
+    distill: DistillSettings,
+) -> dict[str, float]:
     """Held-out metrics from measured terms (evaluation measures every served layer's term, so
     an ``own_layer`` or ``none`` run is scored on the same L_multi as a ``multi`` run).
 

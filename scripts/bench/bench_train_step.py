@@ -38,8 +38,11 @@ def _cfg(schedule: str, seq: int):
         f"model.seq_length={seq}",
     ]
     if seq >= 16384:
-        overrides += ["parallel.recompute_granularity=full", "parallel.recompute_method=uniform",
-                      "parallel.recompute_num_layers=1"]
+        overrides += [
+            "parallel.recompute_granularity=full",
+            "parallel.recompute_method=uniform",
+            "parallel.recompute_num_layers=1",
+        ]
     return compose(overrides)
 
 
@@ -57,7 +60,9 @@ class _Tokens:
     def __next__(self) -> dict:
         t = self.tokens
         return {
-            "tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones_like(t[:, 1:], dtype=torch.float),
+            "tokens": t[:, :-1],
+            "labels": t[:, 1:],
+            "loss_mask": torch.ones_like(t[:, 1:], dtype=torch.float),
             "position_ids": torch.arange(self.seq).expand(t.shape[0], self.seq),
         }
 
@@ -87,8 +92,15 @@ def run_cell(schedule: str, seq: int, steps: int) -> dict:
         for c in wrapped.ddp_chunks:
             c.zero_grad_buffer()
         wrapped.optimizer.zero_grad()
-        runner.run(wrapped.ddp_chunks, data, resolved.num_microbatches, attention="sparse",
-                   distill=distill_settings(cfg), frozen_trunk=False, forward_only=False)
+        runner.run(
+            wrapped.ddp_chunks,
+            data,
+            resolved.num_microbatches,
+            attention="sparse",
+            distill=distill_settings(cfg),
+            frozen_trunk=False,
+            forward_only=False,
+        )
         wrapped.optimizer.step()
         torch.cuda.synchronize()
         if i:
@@ -98,10 +110,16 @@ def run_cell(schedule: str, seq: int, steps: int) -> dict:
     dt = statistics.median(times)
     peak = device_peak_tflops(torch.cuda.get_device_name()) or float("nan")
     out = {
-        "schedule": schedule, "seq": seq, "step_s": dt, "tokens_per_s": tokens / dt,
-        "tflops": flops.total / dt / 1e12, "mfu": flops.total / dt / 1e12 / peak,
-        "peak_gib": torch.cuda.max_memory_allocated() / GIB, "flops": flops.total,
-        "flops_indexer": flops.indexer, "flops_distill": flops.distill,
+        "schedule": schedule,
+        "seq": seq,
+        "step_s": dt,
+        "tokens_per_s": tokens / dt,
+        "tflops": flops.total / dt / 1e12,
+        "mfu": flops.total / dt / 1e12 / peak,
+        "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+        "flops": flops.total,
+        "flops_indexer": flops.indexer,
+        "flops_distill": flops.distill,
     }
     del wrapped, chunks
     return out
@@ -131,8 +149,18 @@ def main() -> int:
                 rows[(schedule, seq)] = OOM
             free()
             print(schedule, seq, rows[(schedule, seq)], flush=True)
-    header = ["schedule", "seq", "step ms", "tokens/s", "TFLOP/s", "MFU %", "peak GiB",
-              "FLOP-predicted speedup", "measured speedup", "measured / predicted"]
+    header = [
+        "schedule",
+        "seq",
+        "step ms",
+        "tokens/s",
+        "TFLOP/s",
+        "MFU %",
+        "peak GiB",
+        "FLOP-predicted speedup",
+        "measured speedup",
+        "measured / predicted",
+    ]
     lines = []
     for (schedule, seq), r in rows.items():
         base = rows.get(("full", seq))
@@ -145,13 +173,27 @@ def main() -> int:
             pred = base["flops"] / r["flops"]
             meas = base["step_s"] / r["step_s"]
             ratio = meas / pred
-        lines.append([schedule, seq, 1e3 * r["step_s"], r["tokens_per_s"], r["tflops"], 100 * r["mfu"],
-                      r["peak_gib"], pred, meas, ratio])
+        lines.append(
+            [
+                schedule,
+                seq,
+                1e3 * r["step_s"],
+                r["tokens_per_s"],
+                r["tflops"],
+                100 * r["mfu"],
+                r["peak_gib"],
+                pred,
+                meas,
+                ratio,
+            ]
+        )
     text = f"{device_line()} | commit {git_rev()}\n\n" + table(header, lines)
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "train_step.md").write_text(text + "\n")
-    (Path(args.out) / "train_step.json").write_text(json.dumps({f"{k[0]}@{k[1]}": v for k, v in rows.items()}, indent=1))
+    (Path(args.out) / "train_step.json").write_text(
+        json.dumps({f"{k[0]}@{k[1]}": v for k, v in rows.items()}, indent=1)
+    )
     return 0
 
 

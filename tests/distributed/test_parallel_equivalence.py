@@ -19,16 +19,29 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent / "scripts/parallel_equivalence.py"
 
 
-def _torchrun(n: int, args: list[str], env: dict[str, str], port: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", f"--master-port={port}",
-           str(SCRIPT), *args]
+def _torchrun(
+    n: int, args: list[str], env: dict[str, str], port: int
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={n}",
+        f"--master-port={port}",
+        str(SCRIPT),
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, subprocess_env) -> Path:
     d = tmp_path_factory.mktemp("parallel_equivalence")
-    for args in (["--attention", "sparse"], ["--attention", "warmup"], ["--attention", "sparse", "--no-mtp"]):
+    for args in (
+        ["--attention", "sparse"],
+        ["--attention", "warmup"],
+        ["--attention", "sparse", "--no-mtp"],
+    ):
         out = _torchrun(1, ["reference", "--work", str(d), *args], subprocess_env, 29631)
         assert out.returncode == 0, out.stderr[-3000:]
     return d
@@ -36,15 +49,30 @@ def work(tmp_path_factory, subprocess_env) -> Path:
 
 @pytest.mark.parametrize("attention", ["sparse", "warmup"])
 @pytest.mark.parametrize("scenario", ["tp2sp", "ep2", "dp2", "cp2"])
-def test_parallel_equals_single_process(work: Path, scenario: str, attention: str, subprocess_env) -> None:
+def test_parallel_equals_single_process(
+    work: Path, scenario: str, attention: str, subprocess_env
+) -> None:
     # Megatron-Core 0.19.2's MTP loss rescales by *rank-local* original/rolled token counts, and
     # under CP only the rank holding the sequence end loses rolled positions: MTP (and, through
     # it, trunk) gradients differ from one process by ~3% / 0.3% — upstream behaviour. The CP
     # sparse case is therefore checked exactly without MTP; the CP warm-up (indexer terms only,
     # MTP layer included) is exact.
     no_mtp = ["--no-mtp"] if (scenario, attention) == ("cp2", "sparse") else []
-    out = _torchrun(2, ["parallel", "--work", str(work), "--scenario", scenario, "--attention", attention, *no_mtp],
-                    subprocess_env, 29632)
+    out = _torchrun(
+        2,
+        [
+            "parallel",
+            "--work",
+            str(work),
+            "--scenario",
+            scenario,
+            "--attention",
+            attention,
+            *no_mtp,
+        ],
+        subprocess_env,
+        29632,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     suffix = "_nomtp" if no_mtp else ""
     r = json.loads((work / f"result_{scenario}_{attention}{suffix}.json").read_text())

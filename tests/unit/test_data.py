@@ -385,7 +385,8 @@ def _rank_main(rank: int, init_file: str, cache: str, out: str) -> None:
 
 
 def test_build_datasets_on_two_ranks(tmp_path):
-    ctx = multiprocessing.get_context("fork")  # the parent already imported torch and Megatron
+    # spawn, not fork: a forked child would inherit any process group an earlier test left open
+    ctx = multiprocessing.get_context("spawn")
     args = (str(tmp_path / "init"), str(tmp_path / "cache"), str(tmp_path / "result"))
     procs = [ctx.Process(target=_rank_main, args=(r, *args)) for r in range(2)]
     for p in procs:

@@ -78,8 +78,13 @@ def _setup(scenario: str | None):
     # per-micro-batch mean would weigh CP ranks' MTP tokens unequally: the last rank loses the
     # rolled-off position).
     dtype = {"params_dtype": torch.bfloat16, "bf16": True} if BF16 else {}
-    return ParallelSettings(moe_token_dispatcher_type="allgather", calculate_per_token_loss=True,
-                            use_cpu_initialization=True, **dtype, **kw)
+    return ParallelSettings(
+        moe_token_dispatcher_type="allgather",
+        calculate_per_token_loss=True,
+        use_cpu_initialization=True,
+        **dtype,
+        **kw,
+    )
 
 
 def _build(par):
@@ -140,7 +145,11 @@ def _run(cfg, model, attention: str, dp_rank: int, dp: int, cp_rank: int, cp: in
             # Megatron's 3-value form (sum, token count) with calculate_per_token_loss.
             total = o.float().sum()
             losses.append(total.detach().clone() / o.numel())
-            return total, torch.tensor(o.numel(), dtype=torch.int, device=o.device), {"loss": losses[-1]}
+            return (
+                total,
+                torch.tensor(o.numel(), dtype=torch.int, device=o.device),
+                {"loss": losses[-1]},
+            )
 
         return out, loss_fn
 
@@ -171,7 +180,11 @@ def _full_grads(model) -> dict[str, torch.Tensor]:
         g = p.main_grad.detach().float().clone()
         is_expert = ".experts.local_experts." in name
         # Experts are split over the expert-TP group (= TP by default), the rest over TP.
-        group = ps.get_expert_tensor_parallel_group() if is_expert else ps.get_tensor_model_parallel_group()
+        group = (
+            ps.get_expert_tensor_parallel_group()
+            if is_expert
+            else ps.get_tensor_model_parallel_group()
+        )
         if getattr(p, "tensor_model_parallel", False) and tp > 1:
             parts = [torch.empty_like(g) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, g, group=group)
@@ -216,7 +229,9 @@ def parallel(work: Path, scenario: str, attention: str) -> int:
 
     par = _setup(scenario)
     cfg, model = _build(par)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(work / f"ckpt{_suffix()}")))
+    model.load_state_dict(
+        dist_checkpointing.load(model.sharded_state_dict(), str(work / f"ckpt{_suffix()}"))
+    )
     dp, cp = ps.get_data_parallel_world_size(), ps.get_context_parallel_world_size()
     loss = _run(
         cfg, model, attention, ps.get_data_parallel_rank(), dp, ps.get_context_parallel_rank(), cp
@@ -233,7 +248,9 @@ def parallel(work: Path, scenario: str, attention: str) -> int:
     for name, g_ref in ref["grads"].items():
         g = grads[name]
         if g.shape != g_ref.shape:
-            raise SystemExit(f"{name}: reassembled gradient {tuple(g.shape)} != reference {tuple(g_ref.shape)}")
+            raise SystemExit(
+                f"{name}: reassembled gradient {tuple(g.shape)} != reference {tuple(g_ref.shape)}"
+            )
         worst[name] = float((g - g_ref).norm() / torch.maximum(g_ref.norm(), floor))
     result = {
         "scenario": scenario,
@@ -246,9 +263,13 @@ def parallel(work: Path, scenario: str, attention: str) -> int:
         "missing": sorted(set(ref["grads"]) - set(grads)),
         "top5": sorted(worst.items(), key=lambda kv: -kv[1])[:5],
         # Equal-but-zero gradients would pass the comparison: record that the indexers learn.
-        "ref_indexer_grad_norm": float(torch.stack([g.norm() for n, g in ref["grads"].items() if ".indexer." in n]).norm()),
+        "ref_indexer_grad_norm": float(
+            torch.stack([g.norm() for n, g in ref["grads"].items() if ".indexer." in n]).norm()
+        ),
     }
-    (work / f"result_{scenario}_{attention}{_suffix()}.json").write_text(json.dumps(result, indent=1))
+    (work / f"result_{scenario}_{attention}{_suffix()}.json").write_text(
+        json.dumps(result, indent=1)
+    )
     print(json.dumps(result))
     return 0
 
