@@ -20,6 +20,14 @@ Three kinds of fixes:
       own norm (``MegatronOptimizer.clip_grad_norm``), but only knows ``"mtp"``
       (``optimizer.SEPARATE_GRAD_NORM_GROUPS``); we register ``"indexer"`` so the indexers'
       distillation gradients stay out of the trunk's clipping norm.
+    * ``distopt_mixed_dtype_order``: with bf16, ``DistributedOptimizer`` (0.19.2,
+      ``_build_model_and_main_param_groups``) reorders each optimizer group to
+      ``[fp32 params..., fp32 copies of bf16 params...]`` but keeps ``model_param_group_index_map``
+      in buffer order, so ``_get_main_param_and_optimizer_states`` returns another parameter's
+      main param and Adam moments whenever a group mixes dtypes. Ours do: the indexer's
+      ``weights_proj`` stays fp32 like HF's. Symptoms: checkpoint save asserts in
+      ``sharded_param_state_dp_reshardable``; state carried across a stage switch goes to the
+      wrong parameter. We rebuild the map in the order the groups actually have.
     (MLA's mocked TE classes and the MoE router's ``te_general_gemm`` needed fixes in 0.16.1; we
     use our own MLA module and 0.19.2's router has a torch fallback, so neither is patched here.)
 
@@ -119,8 +127,26 @@ def _fix_indexer_grad_norm_group() -> None:
         mopt.SEPARATE_GRAD_NORM_GROUPS = (*mopt.SEPARATE_GRAD_NORM_GROUPS, INDEXER_GRAD_NORM_GROUP)
 
 
+def _fix_distopt_mixed_dtype_order() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    init = DistributedOptimizer.__init__
+
+    def init_with_ordered_map(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        # Both branches of 0.19.2 put fp32 params first, then the (copies of) 16-bit params.
+        for group_index, (fp32, half) in enumerate(
+            zip(self.model_fp32_groups, self.model_float16_groups, strict=True)
+        ):
+            for order, model_param in enumerate([*fp32, *half]):
+                self.model_param_group_index_map[model_param] = (group_index, order)
+
+    DistributedOptimizer.__init__ = init_with_ordered_map  # type: ignore[method-assign]
+
+
 _ALWAYS_FIXES: dict[str, Callable[[], None]] = {
     "indexer_grad_norm_group": _fix_indexer_grad_norm_group,
+    "distopt_mixed_dtype_order": _fix_distopt_mixed_dtype_order,
 }
 
 

@@ -78,6 +78,30 @@ _validate_grad_norm_group("indexer")   # MegatronOptimizer.clip_grad_norm valida
 """,
         "Unknown grad_norm_group 'indexer'",
     ),
+    "distopt_mixed_dtype_order": (
+        """
+compat.model_parallel_seed(0)
+from megatron.core.distributed import DistributedDataParallel as DDP, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, bf16=True,
+                        params_dtype=torch.bfloat16, use_cpu_initialization=True)
+class M(MegatronModule):   # one group mixing dtypes, like our bf16 model + fp32 weights_proj
+    def __init__(self):
+        super().__init__(cfg)
+        self.a = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+        self.w = torch.nn.Parameter(torch.randn(3, dtype=torch.float32))
+        self.b = torch.nn.Parameter(torch.randn(16, dtype=torch.bfloat16))
+m = DDP(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True), M())
+opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, bf16=True, use_distributed_optimizer=True), [m])
+dopt = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+for p in m.module.parameters():
+    main = dopt._get_main_param_and_optimizer_states(p)["param"]
+    assert main.numel() == p.numel(), f"wrong main param: {main.numel()} for {p.numel()}"
+""",
+        "wrong main param",
+    ),
     "cuda_streams": (
         """
 compat.model_parallel_seed(0)
@@ -129,6 +153,7 @@ def test_fix_is_needed(fix: str, repo_root) -> None:
 def test_applied_fixes_listed() -> None:
     assert set(compat.applied_fixes()) == {
         "indexer_grad_norm_group",
+        "distopt_mixed_dtype_order",
         "current_device",
         "cuda_literals",
         "cuda_streams",
