@@ -15,9 +15,11 @@ register_schema()
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from indexcache_train.training import runtime
     from indexcache_train.training.loop import run
 
     run(to_train_config(cfg))
+    runtime.shutdown()
 
 
 if __name__ == "__main__":

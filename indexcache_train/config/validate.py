@@ -162,6 +162,8 @@ def resolve_model(cfg: TrainConfig) -> Any:
         m.kernel_backend in BACKENDS,
         f"model.kernel_backend={m.kernel_backend!r}: use one of {BACKENDS}",
     )
+    if m.kernel_backend == "triton":
+        _check_kernel_dims(cfg, model)
     _require(m.seq_length > 1, "model.seq_length must be > 1")
     cp = cfg.parallel.context_parallel_size
     _require(
@@ -169,6 +171,33 @@ def resolve_model(cfg: TrainConfig) -> Any:
         f"model.seq_length={m.seq_length} must be divisible by 2*context_parallel_size={2 * cp}",
     )
     return model
+
+
+def _check_kernel_dims(cfg: TrainConfig, model: Any) -> None:
+    """``kernel_backend=triton`` insists on the kernels: refuse dims they cannot take now rather
+    than at the first forward (``auto`` would run PyTorch for them)."""
+    from indexcache_train.ops import kernel_dims as kd
+
+    attention = {st.attention for st in cfg.recipe.stages}
+    absorbed = model.kv_lora_rank + model.qk_rope_head_dim
+    reasons = [kd.indexer_dims(model.index_head_dim)]
+    if "sparse" in attention:
+        reasons += [
+            kd.sparse_mla_dims(absorbed, model.kv_lora_rank),
+            kd.distill_dims(absorbed, model.index_head_dim, 1.0),
+        ]
+    if "dense" in attention:
+        reasons.append(
+            kd.distill_dims(model.qk_head_dim, model.index_head_dim, 1.0),
+        )
+    bad = [r for r in reasons if r]
+    _require(
+        not bad,
+        "model.kernel_backend=triton but the kernels cannot run this model: "
+        + "; ".join(bad)
+        + ". Use model.kernel_backend=auto (PyTorch where no kernel applies) or head dims "
+        "the kernels take (every real GLM-5 / DeepSeek-V3.2 size does).",
+    )
 
 
 def check_vocab(cfg: TrainConfig, model_vocab: int) -> None:

@@ -32,11 +32,13 @@ def _use_distill_kernel(
     module's chunked path, ``"triton"`` the kernels or an error."""
     if backend == "auto" and not idx_q_BSID.is_cuda:
         return False
-    from indexcache_train.ops import kernels
+    from indexcache_train.ops import kernel_dims, kernels
     from indexcache_train.ops.api import _use_kernel
 
-    ok = tp_ok and kernels.distill_kernel_applies(attn_q_BSHD, idx_q_BSID, idx_scale)
-    return _use_kernel(backend, idx_q_BSID, ok, "distillation loss")  # type: ignore[arg-type]
+    why_not = kernel_dims.distill_dims(attn_q_BSHD.shape[-1], idx_q_BSID.shape[-1], idx_scale)
+    if not tp_ok:
+        why_not = "the dense distillation kernel runs at tensor-parallel size 1 only"
+    return _use_kernel(backend, idx_q_BSID, kernels.HAVE_DISTILL, "distillation loss", why_not)  # type: ignore[arg-type]
 
 
 def sparse_term(

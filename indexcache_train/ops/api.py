@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from indexcache_train.ops import kernel_dims
 from indexcache_train.ops.dense_attention_reference import dense_attention_reference
 from indexcache_train.ops.indexer_reference import indexer_topk_reference
 from indexcache_train.ops.masking import KeyRange
@@ -21,19 +22,27 @@ Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
 
-def _use_kernel(backend: Backend, x: torch.Tensor, available: bool, what: str) -> bool:
+def _use_kernel(
+    backend: Backend, x: torch.Tensor, available: bool, what: str, why_not: str | None = None
+) -> bool:
+    """``why_not``: the reason the kernel cannot take these dims (``None`` when it can); ``auto``
+    then runs the PyTorch reference, ``triton`` reports it."""
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend {backend!r} unknown; use one of {BACKENDS}")
     if backend == "torch":
         return False
     if backend == "triton":
-        if not x.is_cuda or not available:
+        if not x.is_cuda or not available or why_not:
+            if not x.is_cuda:
+                detail = f"device {x.device}"
+            else:
+                detail = why_not or "Triton is not importable"
             raise RuntimeError(
-                f"kernel_backend='triton' but no {what} kernel can run here "
-                f"(device {x.device}); use 'auto' or 'torch'."
+                f"kernel_backend='triton' but no {what} kernel can run here ({detail}); "
+                "set model.kernel_backend=auto (PyTorch where no kernel applies) or torch."
             )
         return True
-    return x.is_cuda and available
+    return x.is_cuda and available and not why_not
 
 
 def indexer_topk(
@@ -50,7 +59,8 @@ def indexer_topk(
     """Top-k key indices ``[B, S, min(topk, T)]`` int32 (``-1`` = empty slot)."""
     from indexcache_train.ops import kernels
 
-    if _use_kernel(backend, q_BSID, kernels.HAVE_INDEXER_TOPK, "indexer top-k"):
+    why_not = kernel_dims.indexer_dims(q_BSID.shape[-1])
+    if _use_kernel(backend, q_BSID, kernels.HAVE_INDEXER_TOPK, "indexer top-k", why_not):
         return kernels.indexer_topk(q_BSID, k_BTD, w_BSI, topk, softmax_scale, key_range)
     return indexer_topk_reference(q_BSID, k_BTD, w_BSI, topk, softmax_scale, key_range, chunk)
 
@@ -68,7 +78,8 @@ def sparse_mla(
     """Sparse absorbed-MLA attention over top-k indices: ``(out_BSHV, lse_BSH)``."""
     from indexcache_train.ops import kernels
 
-    if _use_kernel(backend, q_BSHD, kernels.HAVE_SPARSE_MLA, "sparse MLA"):
+    why_not = kernel_dims.sparse_mla_dims(q_BSHD.shape[-1], v_dim)
+    if _use_kernel(backend, q_BSHD, kernels.HAVE_SPARSE_MLA, "sparse MLA", why_not):
         return kernels.sparse_mla(q_BSHD, kv_BTD, idx_BSK, softmax_scale, v_dim)
     return sparse_mla_reference(q_BSHD, kv_BTD, idx_BSK, softmax_scale, v_dim, chunk)
 
@@ -86,6 +97,12 @@ def dense_attention(
     """Dense masked attention with per-head LSE: ``(out_BSHV, lse_BSH)``."""
     from indexcache_train.ops import kernels
 
-    if _use_kernel(backend, q_BSHD, kernels.HAVE_DENSE_ATTENTION, "dense attention"):
+    why_not = None
+    if (
+        q_BSHD.is_cuda
+        and kernels.dense_attention_backend(q_BSHD, k_BTHD, v_BTHV, key_range) != "cudnn"
+    ):
+        why_not = kernel_dims.dense_attention_dims(q_BSHD.shape[-1], v_BTHV.shape[-1])
+    if _use_kernel(backend, q_BSHD, kernels.HAVE_DENSE_ATTENTION, "dense attention", why_not):
         return kernels.dense_attention(q_BSHD, k_BTHD, v_BTHV, softmax_scale, key_range)
     return dense_attention_reference(q_BSHD, k_BTHD, v_BTHV, softmax_scale, key_range, chunk)

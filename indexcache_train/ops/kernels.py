@@ -1,7 +1,8 @@
 """GPU kernels behind :mod:`indexcache_train.ops.api`.
 
 Each ``HAVE_*`` flag says whether a fused kernel exists for that operator; the API falls back to
-the PyTorch reference when it is ``False`` (here: when Triton cannot be imported). The API only
+the PyTorch reference when it is ``False`` (here: when Triton cannot be imported) or when the
+kernel does not take the head dims (:mod:`~indexcache_train.ops.kernel_dims`). The API only
 calls into this module for CUDA tensors.
 
 Which implementation runs:
@@ -42,7 +43,6 @@ try:  # Triton is optional on CPU-only installs; the API then uses the reference
     from indexcache_train.ops.triton_dense_attention import dense_attention_triton
     from indexcache_train.ops.triton_distill import (
         dense_distill_triton,
-        distill_supported,
         sparse_distill_triton,
     )
     from indexcache_train.ops.triton_indexer import indexer_topk_triton
@@ -114,14 +114,6 @@ def dense_attention(
 
         return dense_attention_cudnn(q_BSHD, k_BTHD, v_BTHV, softmax_scale)
     return dense_attention_triton(q_BSHD, k_BTHD, v_BTHV, softmax_scale, key_range)
-
-
-def distill_kernel_applies(
-    attn_q_BSHD: torch.Tensor, idx_q_BSID: torch.Tensor, idx_scale: float
-) -> bool:
-    """Whether the distillation kernels take these dims (positive indexer scale, power-of-two
-    indexer head dim, main-attention dim a sum of two powers of two)."""
-    return HAVE_DISTILL and distill_supported(attn_q_BSHD, idx_q_BSID, idx_scale)
 
 
 def sparse_distill(

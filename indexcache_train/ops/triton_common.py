@@ -60,24 +60,6 @@ def mma(a, b, INTERP: tl.constexpr):
         return tl.dot(a, b)
 
 
-def split_pow2(dim: int) -> tuple[int, int]:
-    """Split a head dim into two power-of-two parts ``(a, b)`` with ``a + b == dim``, ``b < a``.
-
-    Triton block shapes must be powers of two; MLA's dims are sums of two (192 = 128 + 64,
-    576 = 512 + 64, 256 = 256 + 0), so each is loaded as two tiles and the dots are summed
-    instead of padding to the next power of two (which would waste up to a third of the FLOPs).
-    """
-    a = 1 << (dim.bit_length() - 1)
-    b = dim - a
-    if b & (b - 1):
-        raise ValueError(f"head dim {dim} is not a sum of two powers of two")
-    return a, b
-
-
-def is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
-
-
 @triton.jit
 def cast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
     """``x.to(dtype)``, rounding to nearest even for bf16 also under the interpreter."""

@@ -37,16 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
+from indexcache_train.ops.kernel_dims import dense_attention_dims, split_pow2
 from indexcache_train.ops.masking import KeyRange
-from indexcache_train.ops.triton_common import (
-    INTERPRET,
-    LN2,
-    LOG2E,
-    cast,
-    is_pow2,
-    mma,
-    split_pow2,
-)
+from indexcache_train.ops.triton_common import INTERPRET, LN2, LOG2E, cast, mma
 
 LN2_C: tl.constexpr = tl.constexpr(LN2)
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
@@ -594,11 +587,9 @@ def _check_dims(
         or v_BTHV.shape[2] != q_BSHD.shape[2]
     ):
         raise ValueError("dense attention kernel expects q/k/v with equal head counts and qk dims")
-    if not is_pow2(V) or V < 16:
-        raise ValueError(f"value head dim {V} must be a power of two >= 16")
+    if reason := dense_attention_dims(D, V):
+        raise ValueError(reason)
     da, db = split_pow2(D)
-    if da < 16 or (db and db < 16):
-        raise ValueError(f"qk head dim {D} too small for tensor-core tiles")
     return da, db, V
 
 

@@ -89,8 +89,9 @@ import torch
 import triton
 import triton.language as tl
 
+from indexcache_train.ops.kernel_dims import indexer_dims, split_pow2
 from indexcache_train.ops.masking import KeyRange
-from indexcache_train.ops.triton_common import INTERPRET, LOG2E, cast, is_pow2, mma, split_pow2
+from indexcache_train.ops.triton_common import INTERPRET, LOG2E, cast, mma
 from indexcache_train.ops.triton_indexer import _block_rows, _windows, indexer_scores_block
 from indexcache_train.ops.triton_sparse_mla import _last_valid_slot
 
@@ -335,22 +336,10 @@ def _check_indexer(q_BSID: torch.Tensor, k_BTD: torch.Tensor, w_BSI: torch.Tenso
         raise ValueError(
             "distillation kernel folds the indexer scale into relu(): scale must be > 0"
         )
-    if not is_pow2(D) or D < 16:
-        raise ValueError(f"indexer head dim {D} must be a power of two >= 16")
+    if reason := indexer_dims(D):
+        raise ValueError(reason)
     if k_BTD.shape[0] != B or k_BTD.shape[-1] != D or tuple(w_BSI.shape) != (B, S, NI):
         raise ValueError("indexer tensors must be q [B,S,I,D], k [B,T,D], w [B,S,I]")
-
-
-def distill_supported(
-    attn_q_BSHD: torch.Tensor, idx_q_BSID: torch.Tensor, idx_scale: float
-) -> bool:
-    """Whether the kernels take these dims (the loss module falls back to PyTorch otherwise)."""
-    D = idx_q_BSID.shape[-1]
-    try:
-        da, db = split_pow2(attn_q_BSHD.shape[-1])
-    except ValueError:
-        return False
-    return idx_scale > 0 and is_pow2(D) and D >= 16 and da >= 16 and (db == 0 or db >= 16)
 
 
 def _indexer_inputs(q_BSID, k_BTD, w_BSI, scale):

@@ -43,8 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
+from indexcache_train.ops.kernel_dims import indexer_dims
 from indexcache_train.ops.masking import KeyRange
-from indexcache_train.ops.triton_common import INTERPRET, is_pow2, mma
+from indexcache_train.ops.triton_common import INTERPRET, mma
 
 INVALID_INDEX = -1
 # "torch": torch.topk on each block (default: measured faster); "radix": the Triton radix select
@@ -286,8 +287,8 @@ def _prepare(
     if softmax_scale <= 0:
         raise ValueError("indexer kernel folds the scale into relu(): softmax_scale must be > 0")
     B, S, _, D = q_BSID.shape
-    if not is_pow2(D) or D < 16:
-        raise ValueError(f"indexer head dim {D} must be a power of two >= 16")
+    if reason := indexer_dims(D):
+        raise ValueError(reason)
     if k_BTD.shape[-1] != D:
         raise ValueError("q and k head dims differ")
     q_BSID = q_BSID.contiguous()

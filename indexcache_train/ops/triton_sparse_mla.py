@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from indexcache_train.ops.triton_common import INTERPRET, LN2, LOG2E, cast, mma, split_pow2
+from indexcache_train.ops.kernel_dims import sparse_mla_dims, split_pow2
+from indexcache_train.ops.triton_common import INTERPRET, LN2, LOG2E, cast, mma
 
 # "fused": one backward launch (S, P, dP, dS once per tile, dQ and dKV accumulators both live);
 # "split": a dQ launch and a dKV launch (recomputes S, P, dP: 1.4x the matmul work, no spills).
@@ -314,11 +315,9 @@ def _check(q_BSHD: torch.Tensor, kv_BTD: torch.Tensor, idx_BSK: torch.Tensor, v_
         raise ValueError(
             "sparse MLA kernel expects the absorbed layout: kv [B, T, D], q [B, S, H, D]"
         )
+    if reason := sparse_mla_dims(D, v_dim):
+        raise ValueError(reason)
     da, db = split_pow2(D)
-    if v_dim != da or db < 16 or da < 32:
-        raise ValueError(
-            f"sparse MLA kernel needs D = v_dim + rope with v_dim a power of two; got D={D}, v_dim={v_dim}"
-        )
     if idx_BSK.shape[:2] != q_BSHD.shape[:2]:
         raise ValueError("indices must be [B, S, K]")
     return da, db

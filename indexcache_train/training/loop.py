@@ -335,7 +335,12 @@ def _train_step(
 
 def _group_grad_norm(optimizer, group: str) -> float:
     """Norm of a separately clipped parameter group (the indexers are clipped on their own, so
-    the main ``grad_norm`` leaves them out; in the warm-up it is 0)."""
+    the main ``grad_norm`` leaves them out; in the warm-up it is 0). A ``ChainedOptimizer``
+    keeps the group norms itself (its sub-optimizers' stay empty); a lone optimizer in its own
+    ``grad_norms_by_group``. Megatron computes them only when ``clip_grad > 0``: NaN otherwise."""
+    own = getattr(optimizer, "grad_norms_by_group", None) or {}
+    if own.get(group) is not None:
+        return float(own[group])
     norms = [
         o.grad_norms_by_group.get(group)
         for o in getattr(optimizer, "chained_optimizers", [optimizer])

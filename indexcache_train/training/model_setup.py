@@ -211,7 +211,8 @@ def export_optimizer_state(
                 rng = opt._get_model_param_range_map(p)["param"]
                 for k, v in opt._get_main_param_and_optimizer_states(p).items():
                     if v.numel() == 1 and k == "step":
-                        step = v.double().reshape(())
+                        # torch's Adam keeps `step` on the CPU; NCCL reduces device tensors only.
+                        step = v.double().reshape(()).to(p.device)
                         continue
                     t = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
                     t[rng.start : rng.end] = v.float().view(-1)

@@ -103,6 +103,22 @@ def init_model_parallel(cfg: TrainConfig, *, create_gloo_groups: bool = True) ->
     )
 
 
+def shutdown() -> None:
+    """Leave together and release the process groups after a successful run.
+
+    A rank that exits while a peer still holds the group can abort in gloo's or NCCL's
+    destructors and turn a finished run into a failed job; the barrier makes every rank leave
+    after the last collective of every other rank."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     """Same seed on every rank: Megatron's tracker derives the per-TP-rank streams from it."""
     compat.model_parallel_seed(seed)

@@ -125,30 +125,8 @@ def run_cell(schedule: str, seq: int, steps: int) -> dict:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seqs", default="8192,16384,32768,65536,131072")
-    ap.add_argument("--schedules", default="full,freq2,freq4")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--out", default=os.environ.get("OUT", "outputs/bench"))
-    args = ap.parse_args()
-    from indexcache_train.training import runtime
-
-    ranks = runtime.discover_ranks()
-    runtime.init_process_group(ranks)
-    from indexcache_train.config.compose import compose
-
-    runtime.init_model_parallel(compose(["+experiment=bench_glm5"]))
-    runtime.seed_everything(0)
-    rows: dict[tuple[str, int], dict | str] = {}
-    for schedule in args.schedules.split(","):
-        for seq in [int(s) for s in args.seqs.split(",")]:
-            try:
-                rows[(schedule, seq)] = run_cell(schedule, seq, args.steps)
-            except torch.OutOfMemoryError:
-                rows[(schedule, seq)] = OOM
-            free()
-            print(schedule, seq, rows[(schedule, seq)], flush=True)
+def render(rows: dict[tuple[str, int], dict | str]) -> str:
+    """The markdown table; speedups to 3 decimals (they are a few percent apart)."""
     header = [
         "schedule",
         "seq",
@@ -170,9 +148,8 @@ def main() -> int:
         pred = meas = ""
         ratio = ""
         if isinstance(base, dict):
-            pred = base["flops"] / r["flops"]
-            meas = base["step_s"] / r["step_s"]
-            ratio = meas / pred
+            p_, m_ = base["flops"] / r["flops"], base["step_s"] / r["step_s"]
+            pred, meas, ratio = f"{p_:.3f}", f"{m_:.3f}", f"{m_ / p_:.3f}"
         lines.append(
             [
                 schedule,
@@ -187,7 +164,42 @@ def main() -> int:
                 ratio,
             ]
         )
-    text = f"{device_line()} | commit {git_rev()}\n\n" + table(header, lines)
+    return table(header, lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", default="8192,16384,32768,65536,131072")
+    ap.add_argument("--schedules", default="full,freq2,freq4")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT", "outputs/bench"))
+    ap.add_argument(
+        "--render", type=Path, help="print the table of a saved train_step.json, no GPU"
+    )
+    args = ap.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        rows = {(k.split("@")[0], int(k.split("@")[1])): v for k, v in saved.items()}
+        print(render(rows))
+        return 0
+    from indexcache_train.training import runtime
+
+    ranks = runtime.discover_ranks()
+    runtime.init_process_group(ranks)
+    from indexcache_train.config.compose import compose
+
+    runtime.init_model_parallel(compose(["+experiment=bench_glm5"]))
+    runtime.seed_everything(0)
+    rows: dict[tuple[str, int], dict | str] = {}
+    for schedule in args.schedules.split(","):
+        for seq in [int(s) for s in args.seqs.split(",")]:
+            try:
+                rows[(schedule, seq)] = run_cell(schedule, seq, args.steps)
+            except torch.OutOfMemoryError:
+                rows[(schedule, seq)] = OOM
+            free()
+            print(schedule, seq, rows[(schedule, seq)], flush=True)
+    text = f"{device_line()} | commit {git_rev()}\n\n" + render(rows)
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "train_step.md").write_text(text + "\n")

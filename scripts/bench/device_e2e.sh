@@ -28,7 +28,9 @@ for stage in "$@"; do
       run dsa_layer 120 python3 scripts/bench/bench_dsa_layer.py --out "$OUT" ;;
     real)
       run pretrain 300 python3 train.py +experiment=corpus_v1_pretrain run.root=runs/e2e
-      ck=$(ls -d runs/e2e/corpus_v1_pretrain-local/checkpoints/step_* | tail -n 1)
+      # The `latest` pointer names only a complete checkpoint (never a half-written temp dir).
+      cks=runs/e2e/corpus_v1_pretrain-local/checkpoints
+      ck=$cks/$(cat "$cks/latest")
       run indexcache 300 python3 train.py +experiment=corpus_v1_indexcache run.root=runs/e2e \
         checkpoint.load_pretrained="$ck"
       cat runs/e2e/corpus_v1_pretrain-local/metrics.jsonl runs/e2e/corpus_v1_indexcache-local/metrics.jsonl \

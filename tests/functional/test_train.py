@@ -62,6 +62,12 @@ def test_toy_matches_golden_curve_and_switches_stage(uninterrupted) -> None:
     # Warm-up trains only the indexers: the frozen trunk's LM loss does not move (same weights,
     # different batches) while the sparse stage trains it.
     assert all(r["optim/update_ok"] == 1.0 for r in rows)
+    # Indexers are clipped on their own norm: 0 in the trunk's norm during the warm-up, and their
+    # own norm is reported (and positive: they learn) in both stages.
+    assert all(r["optim/grad_norm"] == 0.0 for r in rows[:4])
+    assert all(r["optim/indexer_grad_norm"] > 0 for r in rows), [
+        r["optim/indexer_grad_norm"] for r in rows
+    ]
 
 
 def test_sigterm_saves_then_auto_resume_reproduces_losses(

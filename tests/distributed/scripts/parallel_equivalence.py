@@ -237,8 +237,20 @@ def parallel(work: Path, scenario: str, attention: str) -> int:
         cfg, model, attention, ps.get_data_parallel_rank(), dp, ps.get_context_parallel_rank(), cp
     )
     grads = _full_grads(model)
-    if dist.get_rank() != 0:
-        return 0
+    try:
+        if dist.get_rank() == 0:
+            _compare(work, scenario, attention, loss, grads)
+    finally:
+        # Every rank leaves together and tears the groups down: a gloo rank that exits while its
+        # peer still holds the group can abort in the C++ destructor ("terminate called without
+        # an active exception"), failing a run whose comparison passed.
+        dist.barrier()
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+    return 0
+
+
+def _compare(work: Path, scenario: str, attention: str, loss: float, grads: dict) -> None:
     ref = torch.load(work / f"ref_{attention}{_suffix()}.pt")
     # Norm-wise relative error per tensor, floored at 1e-5 of the whole model's gradient norm so
     # structurally ~0 gradients (e.g. an indexer k_norm bias, ~1e-6) are judged on the model's
@@ -271,7 +283,6 @@ def parallel(work: Path, scenario: str, attention: str) -> int:
         json.dumps(result, indent=1)
     )
     print(json.dumps(result))
-    return 0
 
 
 if __name__ == "__main__":
