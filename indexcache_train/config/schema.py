@@ -30,6 +30,9 @@ class ModelSection:
     """Tokens per training sample."""
     kernel_backend: str = "auto"
     """``auto`` (GPU kernels on CUDA, PyTorch reference on CPU), ``torch`` or ``triton``."""
+    lm_loss_chunk: int = 0
+    """Tokens per chunk of the LM head + cross-entropy (recomputed per chunk in the backward), so
+    the fp32 logits of a whole sequence never exist at once; 0: Megatron's unchunked path."""
 
 
 @dataclass

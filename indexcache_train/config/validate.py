@@ -162,6 +162,11 @@ def resolve_model(cfg: TrainConfig) -> Any:
         m.kernel_backend in BACKENDS,
         f"model.kernel_backend={m.kernel_backend!r}: use one of {BACKENDS}",
     )
+    _require(
+        m.lm_loss_chunk >= 0,
+        f"model.lm_loss_chunk={m.lm_loss_chunk}: use 0 (whole-sequence logits) or a positive "
+        "number of tokens per chunk",
+    )
     if m.kernel_backend == "triton":
         _check_kernel_dims(cfg, model)
     _require(m.seq_length > 1, "model.seq_length must be > 1")

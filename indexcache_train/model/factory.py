@@ -122,6 +122,7 @@ def build_model(
     backend: Backend = LOCAL,
     kernel_backend: str = "auto",
     max_sequence_length: int | None = None,
+    lm_loss_chunk: int = 0,
 ) -> IndexCacheGPTModel:
     """One pipeline stage (or the whole model at PP=1) of the DSA GPT model."""
     layers = stage_layers(tcfg, pp_rank, vp_stage)
@@ -136,4 +137,5 @@ def build_model(
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         pg_collection=pg_collection or ProcessGroupCollection.use_mpu_process_groups(),
         vp_stage=vp_stage,
+        lm_loss_chunk=lm_loss_chunk,
     )

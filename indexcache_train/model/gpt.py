@@ -32,6 +32,7 @@ from indexcache_train.model.layers import (
     DSATransformerBlock,
     check_supported,
 )
+from indexcache_train.model.lm_loss import chunked_lm_loss
 
 
 class IndexCacheGPTModel(GPTModel):
@@ -50,8 +51,11 @@ class IndexCacheGPTModel(GPTModel):
         parallel_output: bool = True,
         pg_collection: ProcessGroupCollection | None = None,
         vp_stage: int | None = None,
+        lm_loss_chunk: int = 0,
     ) -> None:
         check_supported(config)
+        # Tokens per chunk of the LM head + loss (0: Megatron's whole-sequence logits).
+        self.lm_loss_chunk = lm_loss_chunk
         # Deliberately skip GPTModel.__init__ (it would build the stock blocks); LanguageModule
         # sets up process groups exactly as GPTModel's super() call does.
         LanguageModule.__init__(self, config=config, pg_collection=pg_collection)
@@ -137,6 +141,7 @@ class IndexCacheGPTModel(GPTModel):
                 f"IndexCacheGPTModel.forward: unsupported argument(s) {sorted(unsupported)}"
             )
         stage_input = None if self.pre_process else self.decoder.input_tensor
+        chunked = labels is not None and self.post_process and self.lm_loss_chunk > 0
         output = super().forward(
             input_ids,
             position_ids,
@@ -147,5 +152,6 @@ class IndexCacheGPTModel(GPTModel):
             runtime_gather_output=runtime_gather_output,
             loss_mask=loss_mask,
             padding_mask=padding_mask,
+            output_processor=chunked_lm_loss(self.lm_loss_chunk) if chunked else None,
         )
         return dsa_state.attach_pending(output, stage_input)

@@ -12,9 +12,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from indexcache_train.tools import layout_cli
+from indexcache_train.tools import (
+    eval_cli,
+    layout_cli,
+    overlap_cli,
+    search_cli,
+    serve_config_cli,
+)
 
-_VERBS = (layout_cli,)
+_VERBS = (layout_cli, overlap_cli, serve_config_cli, search_cli, eval_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

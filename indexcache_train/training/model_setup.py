@@ -87,6 +87,7 @@ def build_chunks(
             vp_stage=vp_stage,
             kernel_backend=cfg.model.kernel_backend,
             max_sequence_length=cfg.model.seq_length,
+            lm_loss_chunk=cfg.model.lm_loss_chunk,
         )
         chunks.append(model.to(device))
     for model in chunks:

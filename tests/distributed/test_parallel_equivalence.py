@@ -48,7 +48,7 @@ def work(tmp_path_factory, subprocess_env) -> Path:
 
 
 @pytest.mark.parametrize("attention", ["sparse", "warmup"])
-@pytest.mark.parametrize("scenario", ["tp2sp", "ep2", "dp2", "cp2"])
+@pytest.mark.parametrize("scenario", ["tp2sp", "ep2", "dp2", "cp2", "tp2sp_lmchunk"])
 def test_parallel_equals_single_process(
     work: Path, scenario: str, attention: str, subprocess_env
 ) -> None:

@@ -106,3 +106,21 @@ def test_pure_modules_import_without_torch(module: str) -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_model_code_reads_no_parallel_globals() -> None:
+    # Model, ops and loss get ranks and groups from their config / arguments, never from
+    # Megatron's parallel_state globals (style rule; it keeps them testable without process
+    # groups and usable by tools that build one pipeline stage of another layout).
+    offenders = []
+    for path in _modules("model", "ops", "loss"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            offenders += [
+                f"{path.relative_to(REPO)} imports {n}" for n in names if "parallel_state" in n
+            ]
+    assert offenders == []

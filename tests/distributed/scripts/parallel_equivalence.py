@@ -36,7 +36,12 @@ SCENARIOS = {
     "ep2": dict(expert_model_parallel_size=2),
     "dp2": dict(),
     "cp2": dict(context_parallel_size=2),
+    # TP2+SP with the chunked LM head + loss (model/lm_loss.py): 24-token chunks over 16 local
+    # rows per rank (uneven last chunk), compared with the unchunked one-process reference.
+    "tp2sp_lmchunk": dict(tensor_model_parallel_size=2, sequence_parallel=True),
 }
+LM_LOSS_CHUNK = {"tp2sp_lmchunk": 24}
+SCENARIO = None
 
 
 MTP_LAYERS = 1
@@ -93,7 +98,8 @@ def _build(par):
 
     cfg = ModelConfig.from_hf_config(_hf_config())
     torch.manual_seed(0)
-    return cfg, build_model(cfg, transformer_config(cfg, par)).to(DEVICE)
+    chunk = LM_LOSS_CHUNK.get(SCENARIO, 0)
+    return cfg, build_model(cfg, transformer_config(cfg, par), lm_loss_chunk=chunk).to(DEVICE)
 
 
 def _batch():
@@ -295,7 +301,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
-    DEVICE, BF16 = args.device, args.bf16
+    DEVICE, BF16, SCENARIO = args.device, args.bf16, args.scenario
     if args.no_mtp:
         MTP_LAYERS = 0
     if args.mode == "reference":
