@@ -29,8 +29,10 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it runs: the CLI's --help stays torch-free
+    import torch
 
 #: Default bucket edges (context lengths): 0-1K, 1K-4K, 4K-16K, 16K-32K, 32K-64K, 64K-128K, 128K+.
 DEFAULT_EDGES = (0, 1024, 4096, 16384, 32768, 65536, 131072)
@@ -84,6 +86,8 @@ def document_rows(doc_lengths: Sequence[int], rows: int) -> tuple[torch.Tensor, 
     ``context_S[p]`` = context length of row p within its document; ``valid_S[p]`` = its target
     ``x[p+1]`` is in the same document (rows past the last document are invalid).
     """
+    import torch
+
     context = torch.zeros(rows, dtype=torch.long)
     valid = torch.zeros(rows, dtype=torch.bool)
     start = 0
@@ -103,6 +107,8 @@ def bucket_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of NLL [N] float64, rows [N] int64)`` per position bucket (sum, then divide, so
     documents and batches accumulate into a row-weighted mean)."""
+    import torch
+
     edges_t = torch.tensor(list(edges), dtype=torch.long, device=context_BS.device)
     bucket = torch.bucketize(context_BS, edges_t, right=True) - 1  # edges[0] = 0 <= context
     bucket = bucket[valid_BS]
@@ -116,6 +122,8 @@ def bucket_sums(
 # ---------------------------------------------------------------------- per-token scores
 def token_scores(logits_SV: torch.Tensor, targets_S: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(nll_S, pred_S)``: NLL of each target under fp32 log-softmax, and the argmax id."""
+    import torch
+
     logp = torch.log_softmax(logits_SV.float(), dim=-1)
     return -logp.gather(-1, targets_S[:, None].long())[:, 0], logits_SV.argmax(-1)
 
@@ -250,6 +258,8 @@ def copy_probe(length: int, distance: int, span: int, vocab: ProbeVocab, seed: i
 def score_probe(probe: Probe, nll_S: torch.Tensor, pred_S: torch.Tensor) -> dict[str, float]:
     """``{"nll", "acc", "exact"}`` of a probe from the per-row scores of a forward over
     ``probe.tokens[:-1]`` (row ``p`` predicts token ``p + 1``)."""
+    import torch
+
     rows = slice(probe.target_start - 1, probe.target_start - 1 + probe.target_len)
     targets = torch.tensor(probe.tokens[probe.target_start :][: probe.target_len])
     hit = pred_S[rows].cpu() == targets

@@ -253,33 +253,29 @@ class _ModelEvaluator:
         import torch
 
         from indexcache_train import compat
+        from indexcache_train.tools import model_io
 
         self.batches = batches
         vocab_needed = int(max(int(b.max()) for b in batches)) + 1
         use_cuda = args.device == "cuda" or (args.device == "auto" and compat.has_cuda())
         self.device = torch.device("cuda" if use_cuda else "cpu")
-        _init_single_process(args.seed)
+        model_io.init_single_process(args.seed)
+        if args.hf is None and args.model in _TOY_PRESETS:
+            vocab = max(int(hf_config["vocab_size"]), -(-vocab_needed // 64) * 64)
+            hf_config = _toy_config(args.model, args.num_layers, vocab)
+        self.hf_config = hf_config
+        self.cfg = self._model_config("F" * int(hf_config["num_hidden_layers"]))
+        self._check_vocab(vocab_needed)
         if args.hf is not None:
-            self.hf_config = hf_config
-            self.cfg = self._model_config("F" * int(hf_config["num_hidden_layers"]))
-            self._check_vocab(vocab_needed)
             self.weights = _read_all_full_weights(args.hf, self.cfg)
         else:
-            if args.model in _TOY_PRESETS:
-                vocab = max(int(hf_config["vocab_size"]), -(-vocab_needed // 64) * 64)
-                hf_config = _toy_config(args.model, args.num_layers, vocab)
-            self.hf_config = hf_config
-            self.cfg = self._model_config("F" * int(hf_config["num_hidden_layers"]))
-            self._check_vocab(vocab_needed)
-            self.weights = self._random_weights(args.seed)
+            self.weights = model_io.random_weights(hf_config, args.seed)
 
     def _model_config(self, pattern: str):
-        from indexcache_train.model.config import ModelConfig
-        from indexcache_train.schedule import IndexCacheSchedule
+        from indexcache_train.tools.model_io import trunk_config
 
-        schedule = IndexCacheSchedule.from_pattern(pattern)
         try:
-            return ModelConfig.from_hf_config(self.hf_config, schedule=schedule, num_mtp_layers=0)
+            return trunk_config(self.hf_config, pattern)
         except ValueError as err:
             raise SearchRefusedError(f"model config unsupported: {err}") from None
 
@@ -291,34 +287,14 @@ class _ModelEvaluator:
                 "tokenizer."
             )
 
-    def _build(self, cfg, initialise: bool):
-        from indexcache_train.model.factory import ParallelSettings, build_model, transformer_config
-
-        par = ParallelSettings(
-            moe_token_dispatcher_type="allgather", perform_initialization=initialise
-        )
-        return build_model(cfg, transformer_config(cfg, par), max_sequence_length=None)
-
-    def _random_weights(self, seed: int) -> dict:
-        import torch
-
-        from indexcache_train import compat
-        from indexcache_train.model.hf_mapping import export_hf_state_dict
-
-        compat.model_parallel_seed(seed)
-        torch.manual_seed(seed)
-        return export_hf_state_dict(self._build(self.cfg, initialise=True), self.cfg)
-
     def __call__(self, pattern: str) -> float:
         import torch
 
         from indexcache_train.model.forward_state import DistillSettings, DSAForwardState
-        from indexcache_train.model.hf_mapping import load_hf_state_dict
+        from indexcache_train.tools.model_io import build_loaded
 
         cfg = self._model_config(pattern)
-        model = self._build(cfg, initialise=False)
-        load_hf_state_dict(model, cfg, self.weights)  # Shared layers map no indexer tensors
-        model = model.to(self.device).eval()
+        model = build_loaded(cfg, self.weights, torch.float32).to(self.device)
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in self.batches:
@@ -339,14 +315,13 @@ def _read_all_full_weights(hf_dir: Path, cfg) -> dict:
     """Every trunk tensor of an all-Full checkpoint; refuses one whose layers lack indexers."""
     from checkpoint_tools.errors import CheckpointError
     from checkpoint_tools.hf_io import HFCheckpoint
-    from indexcache_train.model.hf_mapping import hf_tensor_names
+    from indexcache_train.tools.model_io import missing_hf_tensors, read_hf_weights
 
     try:
         ckpt = HFCheckpoint(hf_dir)
     except CheckpointError as err:
         raise SearchRefusedError(str(err)) from None
-    names = hf_tensor_names(cfg)
-    missing = [h for h in names if h not in ckpt]
+    missing = missing_hf_tensors(ckpt.names, cfg)
     no_indexer = sorted({int(h.split(".")[2]) for h in missing if ".indexer." in h})
     if no_indexer:
         raise SearchRefusedError(
@@ -356,7 +331,7 @@ def _read_all_full_weights(hf_dir: Path, cfg) -> dict:
         )
     if missing:
         raise SearchRefusedError(f"{hf_dir}: lacks {len(missing)} tensor(s), e.g. {missing[:3]}.")
-    return {h: ckpt.read_tensor(h) for h in names}
+    return read_hf_weights(ckpt, cfg)
 
 
 def _check_all_full(config: dict[str, Any], hf_dir: Path) -> None:
@@ -373,26 +348,3 @@ def _check_all_full(config: dict[str, Any], hf_dir: Path) -> None:
             f"{shared[:8]} are Shared and have no indexers, but the search starts all-Full. "
             "Fix: point --hf at the plain-DSA (all-Full) checkpoint it was converted from."
         )
-
-
-def _init_single_process(seed: int) -> None:
-    """World size 1, TP=PP=EP=CP=1 (gloo on CPU); idempotent."""
-    import os
-    import socket
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from indexcache_train import compat
-
-    compat.apply()
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
-        dist.init_process_group(compat.distributed_backend(), rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
-    compat.model_parallel_seed(seed)
