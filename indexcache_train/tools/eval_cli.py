@@ -43,6 +43,7 @@ from indexcache_train.tools.long_eval import (
     bucket_labels,
     bucket_sums,
     copy_probe,
+    default_copy_distances,
     document_rows,
     parse_edges,
     passkey_probe,
@@ -260,7 +261,7 @@ def build_probes(args: argparse.Namespace, vocab_size: int) -> list[Probe]:
             if args.copy_distances:
                 dists = [int(d) for d in _floats(args.copy_distances, "--copy-distances")]
             else:
-                dists = [4**e for e in range(2, 12) if 4**e + args.copy_span <= length]
+                dists = default_copy_distances(args.copy_span, length)
             if not dists:
                 raise ProbeError(f"no copy distance fits {length} tokens with --copy-span")
             for j, dist in enumerate(dists):

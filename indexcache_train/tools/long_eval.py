@@ -237,6 +237,12 @@ def passkey_probe(
     )
 
 
+def default_copy_distances(span: int, length: int) -> list[int]:
+    """Powers of 4 from 16 at which a ``span``-token copy fits in ``length`` tokens without the
+    two copies overlapping (distance >= span)."""
+    return [4**e for e in range(2, 12) if 4**e >= span and 4**e + span <= length]
+
+
 def copy_probe(length: int, distance: int, span: int, vocab: ProbeVocab, seed: int) -> Probe:
     """A copy probe of ``length`` tokens: a random ``span``-token sequence from the span pool,
     repeated ``distance`` tokens later (start to start), the second copy ending the probe."""

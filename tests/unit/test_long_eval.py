@@ -15,6 +15,7 @@ from indexcache_train.tools.long_eval import (
     bucket_labels,
     bucket_sums,
     copy_probe,
+    default_copy_distances,
     document_rows,
     parse_edges,
     passkey_probe,
@@ -353,3 +354,11 @@ def test_bad_input_exits_2_before_compute(
     err = capsys.readouterr().err
     assert message in err and "error:" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_default_copy_distances_fit_without_overlap() -> None:
+    # 257 tokens, 32-token span: 16 would overlap the copies, 256 + 32 does not fit.
+    assert default_copy_distances(32, 257) == [64]
+    assert default_copy_distances(8, 1025) == [16, 64, 256]
+    for d in default_copy_distances(32, 4097):
+        copy_probe(4097, d, 32, ProbeVocab.synthetic(512), seed=0)  # every default is valid
