@@ -128,7 +128,10 @@ def _run(code: str, disable: str | None, repo: str) -> subprocess.CompletedProce
     env.pop("INDEXCACHE_COMPAT_DISABLE", None)
     if disable:
         env["INDEXCACHE_COMPAT_DISABLE"] = disable
-    script = PRELUDE.format(repo=repo) + textwrap.dedent(code) + "\nprint('SCENARIO-OK')\n"
+    # Tear the group down before exit: a gloo group alive at interpreter shutdown can abort in
+    # its C++ destructor ("terminate called without an active exception"), failing a passing run.
+    epilogue = "\nprint('SCENARIO-OK', flush=True)\ndist.destroy_process_group()\n"
+    script = PRELUDE.format(repo=repo) + textwrap.dedent(code) + epilogue
     return subprocess.run(
         [sys.executable, "-c", script],
         env=env,
