@@ -14,6 +14,7 @@ Usage::
 
     python scripts/build_default_corpus.py [--source DIR]          # -> data/default
     python scripts/build_default_corpus.py --full OUT_DIR [--source DIR]
+    python scripts/build_default_corpus.py --full OUT_DIR --max-train-tokens 12000000  # a slice
 """
 
 from __future__ import annotations
@@ -92,15 +93,25 @@ def load_split(src: Path, split: str) -> Split:
 
 
 def write_split(
-    split: Split, prefix: Path, sources: tuple[str, ...] | None
+    split: Split,
+    prefix: Path,
+    sources: tuple[str, ...] | None,
+    max_tokens: int | None = None,
 ) -> dict[str, list[int]]:
-    """Write the documents of ``sources`` (all when None) to ``prefix``; per-source [docs, tokens]."""
+    """Write the documents of ``sources`` (all when None) to ``prefix``; per-source [docs, tokens].
+
+    ``max_tokens`` stops before the first document that would cross it (whole documents only,
+    in corpus-v1's order, which already interleaves the sources)."""
     counts: dict[str, list[int]] = {}
+    written = 0
     with AtomicIndexedDatasetWriter(prefix, np.uint16, overwrite=True) as writer:
         for i, name in enumerate(split.srcs):
             if sources is not None and name not in sources:
                 continue
             doc = split.tokens[split.docs[i] : split.docs[i + 1]]
+            if max_tokens is not None and written + doc.size > max_tokens:
+                break
+            written += doc.size
             assert doc[-1] == EOT, f"document {i} does not end with EOT"
             writer.add_document(doc)
             c = counts.setdefault(name, [0, 0])
@@ -201,11 +212,21 @@ def build_default(src: Path, out: Path) -> None:
     print(f"{out}: {total:,} bytes in all")
 
 
-def build_full(src: Path, out: Path) -> None:
-    """Convert all of corpus-v1 (train + val) to ``out``, verifying the ``.bin`` bytes."""
+def build_full(src: Path, out: Path, max_train_tokens: int | None = None) -> None:
+    """Convert corpus-v1 (train + val) to ``out``, verifying the ``.bin`` bytes.
+
+    ``max_train_tokens`` keeps only the first train documents up to that many tokens (the val
+    split stays whole): a slice small enough to carry to a GPU machine. A slice is a prefix of
+    the stream, so it is checked against the stream's own bytes instead of the published hash."""
     for split in SPLITS:
-        counts = write_split(load_split(src, split), out / split, None)
-        if _file_sha256(out / f"{split}.bin") != STREAM_SHA256[split]:
+        limit = max_train_tokens if split == "train" else None
+        data = load_split(src, split)
+        counts = write_split(data, out / split, None, limit)
+        if limit is not None:
+            n = sum(c[1] for c in counts.values())
+            if (out / f"{split}.bin").read_bytes() != data.tokens[:n].tobytes():
+                raise SystemExit(f"error: {out / split}.bin is not a prefix of {split}.u16")
+        elif _file_sha256(out / f"{split}.bin") != STREAM_SHA256[split]:
             raise SystemExit(f"error: {out / split}.bin differs from corpus-v1's {split}.u16")
         n = sum(c[1] for c in counts.values())
         print(f"{out / split}: {n:,} tokens, {sum(c[0] for c in counts.values())} docs")
@@ -222,13 +243,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", type=Path, default=_default_source(), help="corpus-v1 directory")
     p.add_argument("--out", type=Path, default=REPO / "data" / "default", help="bundled corpus dir")
     p.add_argument("--full", type=Path, metavar="OUT_DIR", help="convert all of corpus-v1 here")
+    p.add_argument(
+        "--max-train-tokens",
+        type=int,
+        metavar="N",
+        help="with --full: only the first train documents up to N tokens (val stays whole)",
+    )
     args = p.parse_args(argv)
+    if args.max_train_tokens is not None and (args.full is None or args.max_train_tokens <= 0):
+        p.error("--max-train-tokens needs --full OUT_DIR and a positive N")
     if args.source is None or not (args.source / "train.u16.xz").is_file():
         p.error(
             f"corpus-v1 not found (looked in {args.source or _SOURCE_CANDIDATES}); pass --source"
         )
     if args.full is not None:
-        build_full(args.source, args.full)
+        build_full(args.source, args.full, args.max_train_tokens)
     else:
         build_default(args.source, args.out)
     return 0

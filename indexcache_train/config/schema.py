@@ -132,6 +132,12 @@ class OptimSection:
     moe_router_bias_update_rate: float = 1e-3
     moe_aux_loss_coeff: float = 0.0
     mtp_loss_scaling_factor: float = 0.1
+    on_nonfinite: str = "stop"
+    """A step whose LM loss, distillation terms or gradients are NaN/inf: ``stop`` (raise before
+    the update, so the weights and the last checkpoint stay clean) or ``skip`` (drop that
+    update, log ``optim/skipped``, go on with the next batch)."""
+    max_consecutive_skips: int = 5
+    """With ``on_nonfinite=skip``: stop after this many non-finite steps in a row."""
 
 
 @dataclass

@@ -108,6 +108,14 @@ def check_recipe(cfg: TrainConfig) -> None:
             "distill.weights must be non-negative with a positive sum",
         )
     _require(cfg.distill.chunk > 0, "distill.chunk must be > 0")
+    _require(
+        cfg.optim.on_nonfinite in ("stop", "skip"),
+        f"optim.on_nonfinite={cfg.optim.on_nonfinite!r}: use stop or skip",
+    )
+    _require(
+        cfg.optim.max_consecutive_skips >= 1,
+        f"optim.max_consecutive_skips={cfg.optim.max_consecutive_skips} must be >= 1",
+    )
 
 
 def resolve_model(cfg: TrainConfig) -> Any:

@@ -23,6 +23,7 @@ from indexcache_train.training import runtime
 from indexcache_train.training.flops import device_peak_tflops, step_flops
 from indexcache_train.training.lr import apply_lr
 from indexcache_train.training.model_setup import Wrapped, build_chunks, switch_stage, wrap_stage
+from indexcache_train.training.moe_metrics import ExpertLoadTracker
 from indexcache_train.training.observability import Throughput, make_logger, memory_gib, step_line
 from indexcache_train.training.stages import distill_settings, position
 from indexcache_train.training.step import StepRunner, eval_metrics, multi_loss_by_full_layer
@@ -140,7 +141,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     # Wrap for the stage whose optimizer wrote the checkpoint (a stage-end checkpoint belongs to
     # the stage that just finished); the loop switches stages when the next step needs it.
     wrap_index = position(cfg, max(start_step - 1, 0)).index
-    wrapped = wrap_stage(cfg, chunks, tcfg, cfg.recipe.stages[wrap_index])
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    expert_load = ExpertLoadTracker(chunks, resolved.model, finalize_model_grads)
+    wrapped = wrap_stage(cfg, chunks, tcfg, cfg.recipe.stages[wrap_index], expert_load)
     if resume_dir is not None:
         # The checkpoint was saved by the stage it belongs to; load with that stage's optimizer.
         ckpt.load(resume_dir, [c.module for c in wrapped.ddp_chunks], wrapped.optimizer)
@@ -177,6 +181,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     )
     stop = _Stop()
     stop.install()
+    nonfinite = _NonFiniteGuard(cfg.optim.on_nonfinite, cfg.optim.max_consecutive_skips)
     metrics: dict[str, float] = {}
     steps_this_process = 0
     step = start_step
@@ -193,7 +198,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     while step < total:
         pos = position(cfg, step)
         if pos.index != wrap_index:
-            wrapped = switch_stage(cfg, wrapped, tcfg, pos.stage)
+            wrapped = switch_stage(cfg, wrapped, tcfg, pos.stage, expert_load)
             wrap_index = pos.index
             log.info(
                 "stage switch at step %d -> %s (trainable: %s, attention: %s)",
@@ -202,7 +207,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
                 pos.stage.trainable,
                 pos.stage.attention,
             )
-        metrics = _train_step(cfg, resolved, wrapped, runner, train_iter, pos, step, meter, device)
+        metrics = _train_step(
+            cfg, resolved, wrapped, runner, train_iter, pos, step, meter, device, nonfinite
+        )
+        metrics.update(expert_load.metrics(device))
         step += 1
         steps_this_process += 1
         consumed += cfg.optim.global_batch_size
@@ -292,6 +300,7 @@ def _train_step(
     step,
     meter,
     device,
+    guard: _NonFiniteGuard,
 ):
     stage = pos.stage
     lr = apply_lr(wrapped.optimizer, stage, pos.step_in_stage, cfg.optim.weight_decay)
@@ -308,9 +317,13 @@ def _train_step(
         frozen_trunk=frozen,
         forward_only=False,
     )
-    ok, grad_norm, _ = wrapped.optimizer.step()
-    if not math.isfinite(result.lm_loss) and not frozen:
-        raise FloatingPointError(f"non-finite LM loss at step {step + 1}: {result.lm_loss}")
+    # Checked before the update: a NaN/inf step never reaches the weights (Megatron's bf16
+    # optimizer has no loss scaler to catch it, and clipping passes a NaN norm through).
+    reason = _nonfinite_reason(result, wrapped, frozen, device)
+    if guard.check(reason, step + 1):
+        ok, grad_norm = False, None
+    else:
+        ok, grad_norm, _ = wrapped.optimizer.step()
     tokens = cfg.optim.global_batch_size * cfg.model.seq_length
     flops = step_flops(
         resolved.model, cfg.model.seq_length, tokens, stage.attention, not frozen, cfg.distill.mode
@@ -324,6 +337,7 @@ def _train_step(
         "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "optim/indexer_grad_norm": _group_grad_norm(wrapped.optimizer, "indexer"),
         "optim/update_ok": float(bool(ok)),
+        "optim/skipped": float(reason is not None),
         "memory/gib": memory_gib(device),
         "flops/total": flops.total,
         **meter.tick(tokens, flops.total),
@@ -331,6 +345,52 @@ def _train_step(
     metrics.update({f"indexcache/l_multi/layer{k}": v for k, v in per_full.items()})
     metrics.update({f"indexcache/kl/{a}->{b}": v for (a, b), v in result.kl.items()})
     return metrics
+
+
+class _NonFiniteGuard:
+    """``optim.on_nonfinite``: stop at the first non-finite step, or skip up to N in a row."""
+
+    def __init__(self, mode: str, max_consecutive: int) -> None:
+        self.mode, self.max_consecutive = mode, max_consecutive
+        self.consecutive = 0
+
+    def check(self, reason: str | None, step: int) -> bool:
+        """True: skip this step's update. Raises when the run must stop."""
+        if reason is None:
+            self.consecutive = 0
+            return False
+        self.consecutive += 1
+        if self.mode == "stop":
+            raise FloatingPointError(
+                f"step {step}: {reason}; stopped before the update, so the weights and the last "
+                "checkpoint are clean. Lower the learning rate or resume with "
+                "optim.on_nonfinite=skip to drop such steps"
+            )
+        if self.consecutive > self.max_consecutive:
+            raise FloatingPointError(
+                f"step {step}: {reason}, the {self.consecutive}th non-finite step in a row "
+                f"(optim.max_consecutive_skips={self.max_consecutive}); the run diverged, "
+                "resume from an earlier checkpoint with a lower learning rate"
+            )
+        log.warning("step %d: %s; update skipped (optim.on_nonfinite=skip)", step, reason)
+        return True
+
+
+def _nonfinite_reason(result, wrapped: Wrapped, frozen: bool, device) -> str | None:
+    """Why this step must not update (None: it may). The losses are already reduced over the
+    world; the gradient flag is reduced here, so every rank takes the same decision."""
+    if not frozen and not math.isfinite(result.lm_loss):
+        return f"non-finite LM loss ({result.lm_loss})"
+    bad_terms = sorted(pair for pair, v in result.kl.items() if not math.isfinite(v))
+    if bad_terms:
+        return f"non-finite distillation terms (Full layer -> served layer) {bad_terms}"
+    flag = torch.zeros(1, device=device)
+    for chunk in wrapped.ddp_chunks:
+        for buf in [*chunk.buffers, *chunk.expert_parallel_buffers]:
+            flag = torch.maximum(flag, (~torch.isfinite(buf.grad_data)).any().float())
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return "non-finite gradients" if float(flag) > 0 else None
 
 
 def _group_grad_norm(optimizer, group: str) -> float:

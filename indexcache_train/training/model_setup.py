@@ -8,7 +8,9 @@ carried over (gathered over the data-parallel group, then re-sliced for the new 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -125,7 +127,11 @@ class Wrapped:
 
 
 def wrap_stage(
-    cfg: TrainConfig, chunks: list[IndexCacheGPTModel], tcfg: TransformerConfig, stage: StageSection
+    cfg: TrainConfig,
+    chunks: list[IndexCacheGPTModel],
+    tcfg: TransformerConfig,
+    stage: StageSection,
+    finalize_func: Callable[..., Any] = finalize_model_grads,
 ) -> Wrapped:
     trainable = set_trainable(chunks, stage)
     ddp_cfg = DistributedDataParallelConfig(
@@ -138,7 +144,9 @@ def wrap_stage(
         DistributedDataParallel(tcfg, ddp_cfg, model, disable_bucketing=(i > 0))
         for i, model in enumerate(chunks)
     ]
-    tcfg.finalize_model_grads_func = finalize_model_grads
+    # Megatron's finalize (grad all-reduce, expert-bias update), or a wrapper of it that also
+    # reads the routers' token counts (training.moe_metrics).
+    tcfg.finalize_model_grads_func = finalize_func
     if len(ddp_chunks) > 1:
         tcfg.no_sync_func = [c.no_sync for c in ddp_chunks]
     opt_cfg = optimizer_config(cfg, stage)
@@ -275,7 +283,11 @@ def import_optimizer_state(wrapped: Wrapped, state: dict[str, dict[str, torch.Te
 
 
 def switch_stage(
-    cfg: TrainConfig, wrapped: Wrapped, tcfg: TransformerConfig, stage: StageSection
+    cfg: TrainConfig,
+    wrapped: Wrapped,
+    tcfg: TransformerConfig,
+    stage: StageSection,
+    finalize_func: Callable[..., Any] = finalize_model_grads,
 ) -> Wrapped:
     """Re-wrap for ``stage``, carrying the optimizer state of parameters trained before and after."""
     chunks = unwrap(wrapped)
@@ -286,6 +298,6 @@ def switch_stage(
             for attr in ("main_grad", "main_param", "grad"):
                 if hasattr(p, attr):
                     setattr(p, attr, None)
-    new = wrap_stage(cfg, chunks, tcfg, stage)
+    new = wrap_stage(cfg, chunks, tcfg, stage, finalize_func)
     import_optimizer_state(new, {n: s for n, s in carried.items() if n in set(new.trainable)})
     return replace(new)

@@ -29,13 +29,14 @@ SCHEDULES = {
 }
 
 
-def _cfg(schedule: str, seq: int):
+def _cfg(schedule: str, seq: int, extra: tuple[str, ...] = ()):
     from indexcache_train.config.compose import compose
 
     overrides = [
         "+experiment=bench_glm5",
         *SCHEDULES[schedule],
         f"model.seq_length={seq}",
+        *extra,
     ]
     if seq >= 16384:
         overrides += [
@@ -67,7 +68,7 @@ class _Tokens:
         }
 
 
-def run_cell(schedule: str, seq: int, steps: int) -> dict:
+def run_cell(schedule: str, seq: int, steps: int, extra: tuple[str, ...] = ()) -> dict:
     from indexcache_train.config.validate import validate
     from indexcache_train.training.flops import device_peak_tflops, step_flops
     from indexcache_train.training.lr import apply_lr
@@ -75,7 +76,7 @@ def run_cell(schedule: str, seq: int, steps: int) -> dict:
     from indexcache_train.training.stages import distill_settings
     from indexcache_train.training.step import StepRunner
 
-    cfg = _cfg(schedule, seq)
+    cfg = _cfg(schedule, seq, extra)
     resolved = validate(cfg, 1)
     device = torch.device("cuda")
     chunks, tcfg = build_chunks(cfg, resolved.model, None, device)
@@ -174,6 +175,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "outputs/bench"))
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every cell, e.g. --set model.lm_loss_chunk=8192",
+    )
+    ap.add_argument(
         "--render", type=Path, help="print the table of a saved train_step.json, no GPU"
     )
     args = ap.parse_args()
@@ -194,7 +202,7 @@ def main() -> int:
     for schedule in args.schedules.split(","):
         for seq in [int(s) for s in args.seqs.split(",")]:
             try:
-                rows[(schedule, seq)] = run_cell(schedule, seq, args.steps)
+                rows[(schedule, seq)] = run_cell(schedule, seq, args.steps, tuple(args.set))
             except torch.OutOfMemoryError:
                 rows[(schedule, seq)] = OOM
             free()

@@ -5,6 +5,12 @@
 #   gputests  all GPU tests (kernels, distillation kernels, the trainer on one GPU)
 #   bench     train-step sweep (all-Full / freq2 / freq4 x 8K-128K) and the single-layer anchor
 #   real      corpus-v1 at 8K: plain-DSA pretraining, then freq 4 warm-up + sparse (needs .devdata)
+#   gputrain  only the trainer's GPU test (tests/gpu/test_train_gpu.py)
+#   train1gpu train.py on one GPU (issue #7): the GPU toy, the ~1.2B bench model on corpus-v1 at
+#             8K and at 32K (warm-up + sparse); per-stage table by scripts/bench/run_summary.py
+#   parallel  scripts/bench/parallel_losses.py: DP=2 / TP=2+SP / CP=2 vs one GPU (needs 2 GPUs;
+#             on one GPU it runs the reference and the bf16 floor and reports the rest as not run)
+#   longctx   train-step sweep at 64K / 128K with the chunked LM head + loss (model.lm_loss_chunk)
 set -u
 OUT=${OUT:-outputs/e2e}
 mkdir -p "$OUT"
@@ -35,5 +41,23 @@ for stage in "$@"; do
         checkpoint.load_pretrained="$ck"
       cat runs/e2e/corpus_v1_pretrain-local/metrics.jsonl runs/e2e/corpus_v1_indexcache-local/metrics.jsonl \
         > "$OUT/real_metrics.jsonl" ;;
+    gputrain)
+      run gputrain 240 python3 -m pytest tests/gpu/test_train_gpu.py -p no:cacheprovider -q -rA ;;
+    train1gpu)
+      run toy_gpu 120 python3 train.py +experiment=toy_gpu run.root=runs/t1
+      run bench8k 240 python3 train.py +experiment=bench_glm5_corpus run.root=runs/t1 run.name=bench8k
+      run bench32k 240 python3 train.py +experiment=bench_glm5_corpus run.root=runs/t1 \
+        run.name=bench32k model.seq_length=32768 optim.global_batch_size=1 \
+        recipe.stages.0.steps=5 recipe.stages.1.steps=10 parallel.recompute_granularity=full \
+        parallel.recompute_method=uniform parallel.recompute_num_layers=1
+      run summary 30 python3 scripts/bench/run_summary.py --json "$OUT/train1gpu.json" \
+        runs/t1/toy_gpu-local/metrics.jsonl runs/t1/bench8k-local/metrics.jsonl \
+        runs/t1/bench32k-local/metrics.jsonl ;;
+    parallel)
+      run parallel "${T_PARALLEL:-420}" python3 scripts/bench/parallel_losses.py --out "$OUT/parallel" ;;
+    longctx)
+      run longctx "${T_LONG:-420}" python3 scripts/bench/bench_train_step.py --out "$OUT/longctx" \
+        --schedules "${LONG_SCHEDULES:-freq4}" --seqs "${LONG_SEQS:-65536,131072}" --steps 2 \
+        --set model.lm_loss_chunk="${LM_CHUNK:-8192}" ;;
   esac
 done

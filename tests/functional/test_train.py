@@ -68,6 +68,18 @@ def test_toy_matches_golden_curve_and_switches_stage(uninterrupted) -> None:
     assert all(r["optim/indexer_grad_norm"] > 0 for r in rows), [
         r["optim/indexer_grad_norm"] for r in rows
     ]
+    assert all(r["optim/skipped"] == 0.0 for r in rows)
+    # MoE load balance from the routers' own counts: the frozen warm-up routes under no_grad
+    # (nothing counted, no metric); every sparse step reports each MoE layer (1-3) and the MTP
+    # layer. max/mean is >= 1 by definition and < number of experts unless one expert got all.
+    assert not any("moe/load_max_over_mean" in r for r in rows[:4])
+    for r in rows[4:]:
+        per_layer = {k: v for k, v in r.items() if k.startswith("moe/load_max_over_mean/")}
+        assert sorted(per_layer) == [
+            f"moe/load_max_over_mean/{n}" for n in ("layer1", "layer2", "layer3", "mtp0")
+        ]
+        assert all(1.0 <= v < 16 for v in per_layer.values()), per_layer
+        assert r["moe/load_max_over_mean"] == max(per_layer.values())
 
 
 def test_sigterm_saves_then_auto_resume_reproduces_losses(
