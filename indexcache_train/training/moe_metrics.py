@@ -55,10 +55,15 @@ class ExpertLoadTracker:
         return int(layer.layer_number) - 1  # Megatron's layer_number: global, 1-based
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.enabled:
-            counts = torch.zeros(self.num_slots, self.num_experts, dtype=torch.float64)
+        if self.enabled and self._routers:
+            # Summed where the counts live (one host copy per step, in metrics(), not one sync
+            # per router: GLM-5 has ~75 routed layers).
+            device = self._routers[0][1].local_tokens_per_expert.device
+            counts = torch.zeros(
+                self.num_slots, self.num_experts, dtype=torch.float64, device=device
+            )
             for slot, router in self._routers:
-                counts[slot] += router.local_tokens_per_expert.detach().double().cpu()
+                counts[slot] += router.local_tokens_per_expert.detach().double()
             self._counts = counts
         return self.finalize(*args, **kwargs)
 

@@ -46,10 +46,17 @@ for stage in "$@"; do
     train1gpu)
       run toy_gpu 120 python3 train.py +experiment=toy_gpu run.root=runs/t1
       run bench8k 240 python3 train.py +experiment=bench_glm5_corpus run.root=runs/t1 run.name=bench8k
+      # A 1.2B checkpoint with its distributed-optimizer state is ~17 GB and each run saves two
+      # (stage end, final): free the disk (64 GB) before the next run; metrics.jsonl stays.
+      grep -h "saved " "$OUT/bench8k.log" | tail -n 2
+      rm -rf runs/t1/bench8k-local/checkpoints
       run bench32k 240 python3 train.py +experiment=bench_glm5_corpus run.root=runs/t1 \
         run.name=bench32k model.seq_length=32768 optim.global_batch_size=1 \
         recipe.stages.0.steps=5 recipe.stages.1.steps=10 parallel.recompute_granularity=full \
         parallel.recompute_method=uniform parallel.recompute_num_layers=1
+      grep -h "saved " "$OUT/bench32k.log" | tail -n 2
+      rm -rf runs/t1/bench32k-local/checkpoints
+      for r in toy_gpu bench8k bench32k; do cp "runs/t1/$r-local/metrics.jsonl" "$OUT/$r.metrics.jsonl"; done
       run summary 30 python3 scripts/bench/run_summary.py --json "$OUT/train1gpu.json" \
         runs/t1/toy_gpu-local/metrics.jsonl runs/t1/bench8k-local/metrics.jsonl \
         runs/t1/bench32k-local/metrics.jsonl ;;

@@ -15,9 +15,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests/assets/losses/toy.json"
-# CPU fp32 toy: the same code path gives bit-identical losses; across CPU instruction sets the
-# float reductions may differ in the last bits, hence a small relative tolerance on the golden.
-GOLDEN_RTOL = 1e-4
+# CPU fp32 toy: the same code path gives bit-identical losses on one machine; across CPU
+# instruction sets (AVX-512 vs AVX2 kernels) the float reductions differ in the last bits and the
+# updates carry that forward. The LM loss stays within 1e-4. The indexer loss is a KL of two
+# nearly equal distributions (~4e-5 in the sparse steps), a difference of close numbers, so its
+# relative drift is larger: 4.1e-4 seen at step 7 on an AVX2-only EPYC against the golden
+# recorded on another CPU.
+# 2e-3 keeps ~5x headroom and stays ~20x below how far the curve moves in a step (4-48%).
+GOLDEN_RTOL = {"lm_loss": 1e-4, "indexer_loss": 2e-3}
 
 
 def _train(
@@ -58,7 +63,7 @@ def test_toy_matches_golden_curve_and_switches_stage(uninterrupted) -> None:
         GOLDEN.write_text(json.dumps(curve, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())
     for key in ("lm_loss", "indexer_loss"):
-        assert curve[key] == pytest.approx(golden[key], rel=GOLDEN_RTOL), key
+        assert curve[key] == pytest.approx(golden[key], rel=GOLDEN_RTOL[key]), key
     # Warm-up trains only the indexers: the frozen trunk's LM loss does not move (same weights,
     # different batches) while the sparse stage trains it.
     assert all(r["optim/update_ok"] == 1.0 for r in rows)
