@@ -29,7 +29,7 @@ from _common import (
 )
 
 from indexcache_train.ops import triton_sparse_mla as tsm
-from indexcache_train.ops.triton_testing import causal_topk_indices
+from tests.helpers.kernel_testing import causal_topk_indices
 
 D, V = 576, 512
 BWD_DEFAULT = tsm.BWD_MODE
