@@ -30,7 +30,7 @@ operator               implementation
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from functools import cache, partial
 from typing import TYPE_CHECKING
 
@@ -46,9 +46,11 @@ if TYPE_CHECKING:
 
 @cache
 def triton_missing() -> str | None:
-    """Why Triton cannot run here (``None``: it is installed)."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
+    """Why Triton cannot run here (``None``: it and the kernels' shared helpers import)."""
+    try:
+        importlib.import_module("indexcache_train.ops.triton_common")  # imports triton.language
+    except ImportError as e:
+        return f"Triton cannot be imported ({e})"
     return None
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 from indexcache_train.ops import api, backends
+from indexcache_train.ops import backend_triton as bt
 from indexcache_train.ops.backends import Declined, KernelBackend, KernelUnavailableError
 from indexcache_train.ops.sparse_mla_reference import sparse_mla_reference
 
@@ -183,7 +184,19 @@ def test_real_table_on_cpu(monkeypatch, caplog) -> None:
 
 
 def test_every_operator_has_a_triton_hook() -> None:
-    from indexcache_train.ops import backend_triton
-
-    assert [op for op in backends.OPERATORS if not hasattr(backend_triton, op)] == []
+    assert [op for op in backends.OPERATORS if not hasattr(bt, op)] == []
     assert backends.MODES == ("auto", "torch", "triton")
+
+
+def test_triton_hooks_decline_without_triton(monkeypatch) -> None:
+    """A CUDA input the kernels take, on an install whose Triton does not import: a decline
+    (so ``auto`` runs the reference), not an ImportError."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton -> ImportError
+    monkeypatch.delitem(sys.modules, "indexcache_train.ops.triton_common", raising=False)
+    bt.triton_missing.cache_clear()
+    try:
+        q = SimpleNamespace(is_cuda=True, device="cuda:0", shape=(1, 8, 2, 576))
+        out = bt.sparse_mla(q_BSHD=q, kv_BTD=None, topk_BSK=None, softmax_scale=1.0, v_dim=512)
+    finally:
+        bt.triton_missing.cache_clear()
+    assert isinstance(out, Declined) and out.reason.startswith("Triton cannot be imported")
