@@ -37,13 +37,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from indexcache_train.loss.autoscaler import attach_loss
 from indexcache_train.loss.recall import head_sum_probs_all_keys, topk_recall
-from indexcache_train.loss.targets import head_sum_probs_dense
-from indexcache_train.loss.terms import dense_term, sparse_term, tp_sum
 from indexcache_train.model.dims import MLADims
 from indexcache_train.model.forward_state import DSAForwardState
 from indexcache_train.model.rope import RotaryTables, apply_rope
 from indexcache_train.ops import api as ops
+from indexcache_train.ops.distill_reference import head_sum_probs_dense
 from indexcache_train.ops.masking import KeyRange
+from indexcache_train.ops.tp import tp_sum
 from indexcache_train.parallel.context_parallel import gather_sequence
 from indexcache_train.schedule import IndexCacheSchedule
 
@@ -300,7 +300,12 @@ class DSASelfAttention(MegatronModule):
         topk_BSK = step.select_topk() if step.state.measure_recall else None
         step.publish(topk_BSK)
         out, lse = ops.dense_attention(
-            q_BSHD, k_BTHD, v_BTHV, d.softmax_scale, step.key_range, backend=self.kernel_backend
+            q_BSHD=q_BSHD,
+            k_BTHD=k_BTHD,
+            v_BTHV=v_BTHV,
+            softmax_scale=d.softmax_scale,
+            key_range=step.key_range,
+            backend=self.kernel_backend,
         )
         if topk_BSK is not None:
             step.record_recall(
@@ -315,19 +320,19 @@ class DSASelfAttention(MegatronModule):
             )
         return step.add_term(
             out,
-            lambda iq, ik, iw, scale: dense_term(
-                q_BSHD.detach(),
-                k_BTHD.detach(),
-                lse,
-                step.key_range,
-                d.softmax_scale,
-                iq,
-                ik,
-                iw,
-                scale,
-                self.tp_group,
-                step.state.distill.chunk,
+            lambda iq, ik, iw, scale: ops.dense_distill(
+                attn_q_BSHD=q_BSHD.detach(),
+                attn_k_BTHD=k_BTHD.detach(),
+                attn_lse_BSH=lse,
+                key_range=step.key_range,
+                attn_scale=d.softmax_scale,
+                idx_q_BSID=iq,
+                idx_k_BTD=ik,
+                idx_w_BSI=iw,
+                idx_scale=scale,
+                tp_group=self.tp_group,
                 backend=self.kernel_backend,
+                chunk=step.state.distill.chunk,
             ),
         )
 
@@ -342,11 +347,11 @@ class DSASelfAttention(MegatronModule):
         if step.state.captured_topk is not None:
             step.state.captured_topk[self.layer_index] = topk_BSK
         lat_BSHR, lse = ops.sparse_mla(
-            q_abs_BSHD,
-            kv_BTD,
-            topk_BSK,
-            d.softmax_scale,
-            d.kv_lora_rank,
+            q_BSHD=q_abs_BSHD,
+            kv_BTD=kv_BTD,
+            topk_BSK=topk_BSK,
+            softmax_scale=d.softmax_scale,
+            v_dim=d.kv_lora_rank,
             backend=self.kernel_backend,
         )
         if step.state.measure_recall:
@@ -359,19 +364,19 @@ class DSASelfAttention(MegatronModule):
         out = torch.einsum("bshr,hvr->bshv", lat_BSHR, w_uv_HVR)
         return step.add_term(
             out,
-            lambda iq, ik, iw, scale: sparse_term(
-                q_abs_BSHD.detach(),
-                kv_BTD.detach(),
-                lse,
-                topk_BSK,
-                d.softmax_scale,
-                iq,
-                ik,
-                iw,
-                scale,
-                self.tp_group,
-                step.state.distill.chunk,
+            lambda iq, ik, iw, scale: ops.sparse_distill(
+                attn_q_BSHD=q_abs_BSHD.detach(),
+                attn_kv_BTD=kv_BTD.detach(),
+                attn_lse_BSH=lse,
+                topk_BSK=topk_BSK,
+                attn_scale=d.softmax_scale,
+                idx_q_BSID=iq,
+                idx_k_BTD=ik,
+                idx_w_BSI=iw,
+                idx_scale=scale,
+                tp_group=self.tp_group,
                 backend=self.kernel_backend,
+                chunk=step.state.distill.chunk,
             ),
         )
 
@@ -424,12 +429,12 @@ class _LayerStep:
                 iq, ik, iw = indexer(self.x_BSH, self.qr_BSR, self.cos, self.sin)
                 ik = self.attn.gather_keys_BT(ik)
         return ops.indexer_topk(
-            iq,
-            ik,
-            iw,
-            self.attn.dims.index_topk,
-            indexer.softmax_scale,
-            self.key_range,
+            q_BSID=iq,
+            k_BTD=ik,
+            w_BSI=iw,
+            topk=self.attn.dims.index_topk,
+            softmax_scale=indexer.softmax_scale,
+            key_range=self.key_range,
             backend=self.attn.kernel_backend,
         )
 

@@ -99,10 +99,10 @@ class _SparseMLA(torch.autograd.Function):
 def sparse_mla_reference(
     q_BSHD: torch.Tensor,
     kv_BTD: torch.Tensor,
-    idx_BSK: torch.Tensor,
+    topk_BSK: torch.Tensor,
     softmax_scale: float,
     v_dim: int,
     chunk: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse absorbed-MLA attention; returns ``(out_BSHV, lse_BSH)``."""
-    return _SparseMLA.apply(q_BSHD, kv_BTD, idx_BSK, softmax_scale, v_dim, chunk)
+    return _SparseMLA.apply(q_BSHD, kv_BTD, topk_BSK, softmax_scale, v_dim, chunk)

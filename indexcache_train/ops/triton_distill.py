@@ -3,7 +3,8 @@
 ``p_s``: one served layer's main attention for query ``s``, summed over heads and L1-normalised
 (detached). ``z_s``: the Full layer's indexer logits ``z[s, t] = sum_i w[s,i] relu(scale q[s,i].k[t])``
 on the same key set. Gradients flow into the indexer's ``q [B,S,I,D]``, ``k [B,T,D]``, ``w [B,S,I]``.
-Same contract as :mod:`indexcache_train.loss.kl` (the reference): rows without a valid key add 0.
+Same contract as :mod:`indexcache_train.ops.kl_reference` (the reference): rows without a valid
+key add 0.
 
 Gradients are computed in the forward ("eager gradients")
     The loss is a scalar leaf of the autograd graph and its gradient is linear in the incoming
@@ -60,8 +61,7 @@ LSE, every key of the row's KeyRange), per chunk of ``C`` query rows and its key
     The normaliser of ``p`` is the head count: each head's row sums to 1 (its LSE), so the
     head sum sums to H (the reference divides by the measured sum; they agree to the LSE's
     rounding, ~1e-6). Tensor parallel is not handled by this kernel (it would need the
-    ``[C, W]`` head sum all-reduced); :func:`indexcache_train.loss.terms.dense_term` keeps the
-    PyTorch path for TP > 1.
+    ``[C, W]`` head sum all-reduced): the triton backend declines TP > 1 (the PyTorch path runs).
 
 Measured on the H100 (docs/benchmarks.md, GLM-5 dims, fwd + bwd): sparse 6.7 ms at 4K, 293 ms
 at 128K (18-25x the PyTorch path); dense 4.1 ms at 4K, 718 ms at 64K, 2.9 s at 128K (29-36x).

@@ -28,17 +28,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _common import REPO, attempt, autotune_report, device_line, free, git_rev, save, table, time_ms
+from _common import attempt, autotune_report, device_line, free, git_rev, save, table, time_ms
 
 from indexcache_train.ops import triton_sparse_mla as tsm
-from indexcache_train.ops.triton_testing import causal_topk_indices
-
-sys.path.insert(0, str(REPO))
+from tests.helpers.kernel_testing import causal_topk_indices
 from tests.helpers.sparse_indices import correlated_topk_indices
 
 D, V = 576, 512

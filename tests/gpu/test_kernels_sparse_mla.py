@@ -17,17 +17,20 @@ import zlib
 import pytest
 import torch
 
-from indexcache_train.ops import api, kernels
+from indexcache_train.ops import api
 from indexcache_train.ops import triton_sparse_mla as tsm
+from indexcache_train.ops.backend_triton import triton_missing
 from indexcache_train.ops.masking import KeyRange
-from indexcache_train.ops.triton_testing import check_sparse_mla
+from tests.helpers.kernel_testing import check_sparse_mla
 from tests.helpers.sparse_indices import correlated_topk_indices
 
 DEV = "cuda"
 
 
 def _api(q, kv, idx, scale, v_dim):
-    return api.sparse_mla(q, kv, idx, scale, v_dim, backend="triton")
+    return api.sparse_mla(
+        q_BSHD=q, kv_BTD=kv, topk_BSK=idx, softmax_scale=scale, v_dim=v_dim, backend="triton"
+    )
 
 
 def _packed(B: int, S: int, starts: list[int]) -> KeyRange:
@@ -47,7 +50,7 @@ CASES = {
 
 
 def test_kernel_is_used() -> None:
-    assert kernels.HAVE_SPARSE_MLA
+    assert triton_missing() is None
 
 
 @pytest.mark.parametrize("name", list(CASES))

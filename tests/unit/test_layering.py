@@ -94,7 +94,15 @@ def test_only_compat_patches_torch_or_megatron() -> None:
     assert offenders == []
 
 
-@pytest.mark.parametrize("module", ["indexcache_train.schedule"])
+# The kernel-backend table is read by config validation, before torch or Triton is needed.
+@pytest.mark.parametrize(
+    "module",
+    [
+        "indexcache_train.schedule",
+        "indexcache_train.ops.backends",
+        "indexcache_train.ops.backend_triton",
+    ],
+)
 def test_pure_modules_import_without_torch(module: str) -> None:
     import subprocess
     import sys

@@ -101,8 +101,8 @@ def test_dispatch_uses_row_blocks_only_where_they_pay() -> None:
 def _cases() -> dict[str, dict[str, float]]:
     """Worker body (TRITON_INTERPRET=1, CPU tensors)."""
     from indexcache_train.ops import triton_sparse_mla as tsm
-    from indexcache_train.ops import triton_testing as tt
     from indexcache_train.ops.masking import KeyRange
+    from tests.helpers import kernel_testing as tt
     from tests.helpers.sparse_indices import correlated_topk_indices
 
     def correlated(H: int):
