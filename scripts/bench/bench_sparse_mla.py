@@ -15,7 +15,8 @@ and backward timed separately for each variant:
 Index patterns (``--patterns``): ``random`` (duplicate-free stratified random keys: neighbouring
 rows share almost nothing, the L2-unfriendly worst case), ``corr<c>`` (correlated scores, rows of a
 block share keys; ``tests/helpers/sparse_indices.py``), ``file:PATH`` (indices saved by
-``capture_topk.py`` from a trained indexer, the realistic case; their sequence length is used).
+``capture_topk.py`` from a trained indexer, the realistic case; ``file:PATH@LAYER`` picks a layer;
+the first ``--seqs`` rows are used).
 The ``gain`` column is the row-block plan's (valid slots / union entries at 4 rows per block).
 
 FLOPs: forward = 2 * H * (576 + 512) * (valid slots); backward = 2.5 x forward (the usual
@@ -60,8 +61,10 @@ def make_indices(pattern: str, S: int, K: int, H: int, gen: torch.Generator) -> 
     if pattern.startswith("corr"):
         c = float(pattern[4:])
         return correlated_topk_indices(1, S, K, c, 4, "cuda", generator=gen)
-    if pattern.startswith("file:"):
-        idx = torch.load(pattern[5:], map_location="cuda")
+    if pattern.startswith("file:"):  # file:PATH@LAYER (capture_topk.py's {layer: idx})
+        path, _, layer = pattern[5:].partition("@")
+        saved = torch.load(path, map_location="cuda")
+        idx = saved[int(layer)] if layer else next(iter(saved.values()))
         return idx[:, :S, :K].to(torch.int32).contiguous()
     raise SystemExit(f"unknown index pattern {pattern!r}: random, corr<c>, file:PATH")
 
