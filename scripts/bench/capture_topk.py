@@ -40,7 +40,7 @@ def capture(model, cfg, tokens_BS: torch.Tensor, topk: int, layers: list[int]) -
 
 def neighbour_overlap(idx_BSK: torch.Tensor, rows: int = 512) -> float:
     """Mean |T_s & T_{s+1}| / |T_{s+1}| over ``rows`` evenly spaced rows past the first k."""
-    B, S, K = idx_BSK.shape
+    _, S, K = idx_BSK.shape
     picks = torch.linspace(K + 1, S - 1, min(rows, max(1, S - K - 1))).long().tolist()
     fr = []
     for s in picks:
