@@ -352,6 +352,7 @@ class DSASelfAttention(MegatronModule):
             topk_BSK=topk_BSK,
             softmax_scale=d.softmax_scale,
             v_dim=d.kv_lora_rank,
+            deterministic=bool(self.config.deterministic_mode),
             backend=self.kernel_backend,
         )
         if step.state.measure_recall:

@@ -77,17 +77,20 @@ def sparse_mla(
     topk_BSK: torch.Tensor,
     softmax_scale: float,
     v_dim: int,
+    deterministic: bool = False,
     backend: str = "auto",
     chunk: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse absorbed-MLA attention over top-k indices: ``(out_BSHV, lse_BSH)``.
 
     ``kv_BTD`` is the shared latent key ``[c_kv | k_rope]``; its first ``v_dim`` dims are the
-    value (``v_dim = kv_lora_rank``).
+    value (``v_dim = kv_lora_rank``). ``deterministic``: bitwise run-to-run reproducible
+    gradients (no fp32 atomics in the key-gradient reduction).
     """
     return dispatch(
         "sparse_mla", backend, partial(sparse_mla_reference, chunk=chunk),
         q_BSHD=q_BSHD, kv_BTD=kv_BTD, topk_BSK=topk_BSK, softmax_scale=softmax_scale, v_dim=v_dim,
+        deterministic=deterministic,
     )  # fmt: skip
 
 

@@ -130,6 +130,7 @@ def sparse_mla(
     topk_BSK: torch.Tensor,
     softmax_scale: float,
     v_dim: int,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | Declined:
     """Hook for :func:`indexcache_train.ops.api.sparse_mla`."""
     declined = _why_not(q_BSHD, kernel_dims.sparse_mla_dims(q_BSHD.shape[-1], v_dim))
@@ -137,7 +138,7 @@ def sparse_mla(
         return declined
     from indexcache_train.ops.triton_sparse_mla import sparse_mla_triton
 
-    return sparse_mla_triton(q_BSHD, kv_BTD, topk_BSK, softmax_scale, v_dim)
+    return sparse_mla_triton(q_BSHD, kv_BTD, topk_BSK, softmax_scale, v_dim, deterministic)
 
 
 def sparse_distill(

@@ -44,10 +44,15 @@ Algorithm
 
 Accumulation and determinism
     bf16 tensor-core products, fp32 accumulators, softmax statistics and LSE in fp32; P and dS
-    are rounded to bf16 before their products (FlashAttention-2 practice). dKV uses fp32 atomics:
-    the order in which programs add into a key row is not fixed, so dKV is **not bitwise
-    deterministic** run to run (differences at fp32 rounding, ~1e-7 relative, before the bf16
-    cast).
+    are rounded to bf16 before their products (FlashAttention-2 practice). By default dKV uses
+    fp32 atomics: the order in which programs add into a key row is not fixed, so dKV is **not
+    bitwise deterministic** run to run (differences at fp32 rounding, ~1e-7 relative, before the
+    bf16 cast). ``deterministic=True`` (Megatron's ``deterministic_mode``) makes it so: each
+    program stores its dKV rows into its own rows of a partial buffer (chunks of blocks, at most
+    :data:`DETERMINISTIC_BUFFER` bytes), the chunk's keys are sorted stably, and
+    :func:`_segment_sum_kernel` sums each key's rows in that fixed order and adds them into dKV
+    (one owner per key per chunk, chunks in stream order). Its cost: every (program, entry) dKV row
+    is written and read once more in fp32, plus a sort per chunk.
 
 Known limits
     Absorbed layout only. ``v_dim`` must equal the larger power-of-two part of D (512 of 576).
@@ -76,6 +81,8 @@ ROW_BLOCK_MIN_GAIN_BWD = 1.3
 ROW_BLOCK_MODE = "auto"
 #: The largest matrix tile (rows) whose backward runs as one fused launch.
 FUSED_BWD_MAX_M = 32
+#: Bytes of the partial-dKV buffer of the deterministic backward (it runs in chunks of blocks).
+DETERMINISTIC_BUFFER = 1 << 29
 TILE_ROWS = 64  # rows of a row-block tile: one Hopper warpgroup MMA
 
 LN2_C: tl.constexpr = tl.constexpr(LN2)
@@ -166,6 +173,16 @@ def _entry_tile(ent_row, offs_n, NE, r_m, PLAN: tl.constexpr):
         key = e
         member = valid[None, :] & (r_m[:, None] >= 0)
     return tl.where(valid, key, 0).to(tl.int64), valid, member
+
+
+@triton.jit
+def _put_rows(ptrs, x, mask, PARTIAL: tl.constexpr):
+    """dKV rows: the deterministic mode stores them (one owner per partial row), else fp32
+    atomics add them into the key's row."""
+    if PARTIAL:
+        tl.store(ptrs, x, mask=mask)
+    else:
+        tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
 
 
 @triton.autotune(
@@ -265,7 +282,7 @@ def _sparse_mla_fwd_kernel(
 
 @triton.autotune(
     configs=_bwd_configs(),
-    key=["DA", "DB", "BLOCK_H", "BM", "PLAN", "DO_DQ", "DO_DKV"],
+    key=["DA", "DB", "BLOCK_H", "BM", "PLAN", "DO_DQ", "DO_DKV", "PARTIAL"],
     prune_configs_by={"early_config_prune": _prune_by_rows},
     reset_to_zero=["dkv_ptr"],
 )
@@ -280,6 +297,7 @@ def _sparse_mla_bwd_kernel(
     lse_ptr,
     dq_ptr,
     dkv_ptr,
+    part_ptr,
     scale,
     scale_log2,
     S,
@@ -300,6 +318,8 @@ def _sparse_mla_bwd_kernel(
     stride_ls,
     stride_dkb,
     stride_dkt,
+    stride_pg,
+    stride_pn,
     DA: tl.constexpr,
     DB: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -308,6 +328,7 @@ def _sparse_mla_bwd_kernel(
     SCAN: tl.constexpr,
     DO_DQ: tl.constexpr,
     DO_DKV: tl.constexpr,
+    PARTIAL: tl.constexpr,
     INTERP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MIN_M: tl.constexpr,
@@ -316,7 +337,9 @@ def _sparse_mla_bwd_kernel(
     """Backward for one program (see the module docstring); ``DO_DQ`` / ``DO_DKV`` pick outputs.
 
     The 512 latent dims are handled as two 256-wide halves so the live dKV tile stays at
-    ``[BLOCK_N, 256]`` fp32.
+    ``[BLOCK_N, 256]`` fp32. ``PARTIAL`` (the deterministic mode) stores each entry's dKV row to
+    its own row of a partial buffer ``[head groups, blocks, entries, D]`` instead of adding it
+    into dKV; :func:`_segment_sum_kernel` then reduces the rows of each key in a fixed order.
     """
     M: tl.constexpr = BM * BLOCK_H
     DH: tl.constexpr = DA // 2
@@ -379,15 +402,18 @@ def _sparse_mla_bwd_kernel(
         if DO_DKV:
             pb_t = tl.trans(cast(p, q0.dtype, INTERP))
             ds_t = tl.trans(ds)
-            d_rows = dkv_base + rows[:, None] * stride_dkt
             amask = valid[:, None]
+            if PARTIAL:
+                d_rows = part_ptr + hg * stride_pg + nb * stride_pn + offs_n[:, None] * (DA + DB)
+            else:
+                d_rows = dkv_base + rows[:, None] * stride_dkt
             # One 256-wide half at a time keeps the live dKV tile at [BLOCK_N, 256] fp32.
             dk0 = mma(ds_t, q0, INTERP) + mma(pb_t, do0, INTERP)
-            tl.atomic_add(d_rows + offs_0[None, :], dk0, mask=amask, sem="relaxed")
+            _put_rows(d_rows + offs_0[None, :], dk0, amask, PARTIAL)
             dk1 = mma(ds_t, q1, INTERP) + mma(pb_t, do1, INTERP)
-            tl.atomic_add(d_rows + offs_1[None, :], dk1, mask=amask, sem="relaxed")
+            _put_rows(d_rows + offs_1[None, :], dk1, amask, PARTIAL)
             dkr = mma(ds_t, qr, INTERP)
-            tl.atomic_add(d_rows + offs_r[None, :], dkr, mask=amask, sem="relaxed")
+            _put_rows(d_rows + offs_r[None, :], dkr, amask, PARTIAL)
 
     if DO_DQ:
         dq_row = dq_ptr + row_q
@@ -491,37 +517,111 @@ def bwd_launches(m_rows: int) -> tuple[tuple[bool, bool], ...]:
     return ((True, False), (False, True))
 
 
-def _bwd(dout, q_BSHD, kv_BTD, idx_BSK, out, lse, scale, v_dim, plan: RowBlockPlan | None = None):
+@triton.jit
+def _segment_sum_kernel(
+    part_ptr, order_ptr, keys_ptr, dkv_ptr, N, stride_dkt, DA: tl.constexpr, DB: tl.constexpr
+):
+    """Deterministic dKV reduction: program ``i`` owns the run of equal sorted keys starting at
+    ``i`` (other programs exit), sums its partial rows in their stable sorted order and adds the
+    sum into the key's dKV row. Each key is owned by one program per chunk and chunks run one
+    after another on the stream, so no two writers race and the order is fixed."""
+    i = tl.program_id(0)
+    key = tl.load(keys_ptr + i)
+    prev = tl.load(keys_ptr + i - 1, mask=i > 0, other=-2)
+    if (key >= 0) & (key != prev):
+        offs_a = tl.arange(0, DA)
+        offs_b = DA + tl.arange(0, DB)
+        acc_a = tl.zeros([DA], dtype=tl.float32)
+        acc_b = tl.zeros([DB], dtype=tl.float32)
+        j = i
+        cur = key
+        while cur == key:
+            row = part_ptr + tl.load(order_ptr + j).to(tl.int64) * (DA + DB)
+            acc_a += tl.load(row + offs_a)
+            acc_b += tl.load(row + offs_b)
+            j += 1
+            cur = tl.load(keys_ptr + j, mask=j < N, other=-1)
+        d_row = dkv_ptr + key.to(tl.int64) * stride_dkt
+        tl.store(d_row + offs_a, tl.load(d_row + offs_a) + acc_a)
+        tl.store(d_row + offs_b, tl.load(d_row + offs_b) + acc_b)
+
+
+def _bwd(
+    dout,
+    q_BSHD,
+    kv_BTD,
+    idx_BSK,
+    out,
+    lse,
+    scale,
+    v_dim,
+    plan: RowBlockPlan | None = None,
+    deterministic: bool = False,
+):
     _, S, H, _ = q_BSHD.shape
     da, db = _check(q_BSHD, kv_BTD, idx_BSK, v_dim)
     dout = dout.contiguous()
     dq = torch.empty_like(q_BSHD)
     dkv32 = torch.zeros(kv_BTD.shape, dtype=torch.float32, device=kv_BTD.device)
-    grid, bh, bm, ent, cnt, ne, e_strides = _entries(idx_BSK, plan, H)
-    args = (
-        q_BSHD, kv_BTD, ent, cnt, out, dout, lse, dq, dkv32, scale, scale * LOG2E, S, H, ne,
-        *q_BSHD.stride()[:3], *kv_BTD.stride()[:2], *e_strides, *out.stride()[:3],
-        *lse.stride()[:2], *dkv32.stride()[:2],
+    grid, bh, bm, ent, cnt, ne, _ = _entries(idx_BSK, plan, H)
+    consts = dict(
+        DA=da, DB=db, BLOCK_H=bh, BM=bm, PLAN=plan is not None, SCAN=_scan(idx_BSK.shape[-1]),
+        INTERP=INTERPRET,
     )  # fmt: skip
-    for do_dq, do_dkv in bwd_launches(bh * bm):
+
+    def launch(grid, b_sl, r_sl, ent, cnt, part, p_strides, rows, do_dq, do_dkv, partial):
+        """One backward launch over batches ``b_sl`` and query rows ``r_sl`` (views)."""
+        q, kv, o, do = q_BSHD[b_sl, r_sl], kv_BTD[b_sl], out[b_sl, r_sl], dout[b_sl, r_sl]
+        lse_, dq_, dkv_ = lse[b_sl, r_sl], dq[b_sl, r_sl], dkv32[b_sl]
         _sparse_mla_bwd_kernel[grid](
-            *args,
-            DA=da,
-            DB=db,
-            BLOCK_H=bh,
-            BM=bm,
-            PLAN=plan is not None,
-            SCAN=_scan(idx_BSK.shape[-1]),
-            DO_DQ=do_dq,
-            DO_DKV=do_dkv,
-            INTERP=INTERPRET,
-        )
+            q, kv, ent, cnt, o, do, lse_, dq_, dkv_, part, scale, scale * LOG2E, rows, H, ne,
+            *q.stride()[:3], *kv.stride()[:2], *ent.stride()[:2],
+            cnt.stride(0) if plan is not None else 0, *o.stride()[:3], *lse_.stride()[:2],
+            *dkv_.stride()[:2], *p_strides,
+            DO_DQ=do_dq, DO_DKV=do_dkv, PARTIAL=partial, **consts,
+        )  # fmt: skip
+
+    launches = bwd_launches(bh * bm)
+    everything = (slice(None), slice(None))
+    if not deterministic:
+        for do_dq, do_dkv in launches:
+            launch(grid, *everything, ent, cnt, dkv32, (0, 0), S, do_dq, do_dkv, False)
+        return dq, dkv32.to(kv_BTD.dtype)
+    # Deterministic: dQ needs no change (each program owns its rows); dKV rows go to a partial
+    # buffer chunk by chunk of blocks and are reduced per key in a fixed (stable-sorted) order.
+    if len(launches) == 2:
+        launch(grid, *everything, ent, cnt, dkv32, (0, 0), S, True, False, False)
+    n_blocks, n_hg = grid[0], grid[1]
+    D = da + db
+    step = max(1, DETERMINISTIC_BUFFER // (n_hg * ne * D * 4))
+    part = torch.empty(n_hg, min(step, n_blocks), ne, D, dtype=torch.float32, device=q_BSHD.device)
+    keys_c = torch.empty(n_hg, part.shape[1], ne, dtype=torch.int32, device=q_BSHD.device)
+    for b in range(q_BSHD.shape[0]):
+        for nb0 in range(0, n_blocks, step):
+            nb1 = min(n_blocks, nb0 + step)
+            b_sl, r_sl = slice(b, b + 1), slice(nb0 * bm, min(S, nb1 * bm))
+            ent_c = ent[b_sl, nb0:nb1]
+            cnt_c = cnt[b_sl, nb0:nb1] if plan is not None else ent_c
+            rows = r_sl.stop - r_sl.start
+            fused = len(launches) == 1
+            launch(
+                (nb1 - nb0, n_hg, 1), b_sl, r_sl, ent_c, cnt_c, part, part.stride()[:2], rows,
+                fused, True, True,
+            )  # fmt: skip
+            e = ent_c[0]
+            keys = torch.where(e >= 0, e >> MEMBER_BITS if plan is not None else e, -1)
+            keys_c.fill_(-1)
+            keys_c[:, : nb1 - nb0] = keys
+            sorted_keys, order = torch.sort(keys_c.view(-1), stable=True)
+            _segment_sum_kernel[(keys_c.numel(),)](
+                part, order, sorted_keys, dkv32[b], keys_c.numel(), dkv32.stride(1), DA=da, DB=db
+            )
     return dq, dkv32.to(kv_BTD.dtype)
 
 
 class _TritonSparseMLA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_BSHD, kv_BTD, idx_BSK, scale, v_dim):  # type: ignore[override]
+    def forward(ctx, q_BSHD, kv_BTD, idx_BSK, scale, v_dim, deterministic):  # type: ignore[override]
         q_BSHD, kv_BTD = q_BSHD.contiguous(), kv_BTD.contiguous()
         idx_BSK = idx_BSK.to(torch.int32).contiguous()
         plan = row_block_plan(idx_BSK, q_BSHD.shape[2])
@@ -529,15 +629,18 @@ class _TritonSparseMLA(torch.autograd.Function):
         out, lse = _fwd(q_BSHD, kv_BTD, idx_BSK, scale, v_dim, fwd_plan)
         ctx.bwd_plan = plan if _use_plan(plan, ROW_BLOCK_MIN_GAIN_BWD) else None
         ctx.save_for_backward(q_BSHD, kv_BTD, idx_BSK, out, lse)
-        ctx.scale, ctx.v_dim = scale, v_dim
+        ctx.scale, ctx.v_dim, ctx.deterministic = scale, v_dim, deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):  # type: ignore[override]
         q_BSHD, kv_BTD, idx_BSK, out, lse = ctx.saved_tensors
-        dq, dkv = _bwd(dout, q_BSHD, kv_BTD, idx_BSK, out, lse, ctx.scale, ctx.v_dim, ctx.bwd_plan)
-        return dq, dkv, None, None, None
+        dq, dkv = _bwd(
+            dout, q_BSHD, kv_BTD, idx_BSK, out, lse, ctx.scale, ctx.v_dim, ctx.bwd_plan,
+            ctx.deterministic,
+        )  # fmt: skip
+        return dq, dkv, None, None, None, None
 
 
 def sparse_mla_triton(
@@ -546,6 +649,11 @@ def sparse_mla_triton(
     idx_BSK: torch.Tensor,
     softmax_scale: float,
     v_dim: int,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse absorbed-MLA attention ``(out_BSHV, lse_BSH)`` with the Triton kernels."""
-    return _TritonSparseMLA.apply(q_BSHD, kv_BTD, idx_BSK, softmax_scale, v_dim)
+    """Sparse absorbed-MLA attention ``(out_BSHV, lse_BSH)`` with the Triton kernels.
+
+    ``deterministic``: a bitwise run-to-run reproducible backward (dKV reduced per key in a fixed
+    order instead of by fp32 atomics; see the module docstring for its cost).
+    """
+    return _TritonSparseMLA.apply(q_BSHD, kv_BTD, idx_BSK, softmax_scale, v_dim, deterministic)

@@ -9,6 +9,8 @@ and backward timed separately for each variant:
   (``"force"``; only below 64 heads);
 * ``auto``: what the model runs (row-block where the plan's gain clears the thresholds), plan
   build included;
+* ``per-row-det`` / ``row-block-det``: the deterministic backward of each (dKV rows to a partial
+  buffer, reduced per key in a fixed order; forward unchanged);
 * ``old``: the kernel module of an earlier tree (``--baseline DIR``: ``DIR/indexcache_train/ops/
   triton_sparse_mla.py`` loaded under another name), so before/after come from one process.
 
@@ -71,7 +73,8 @@ def make_indices(pattern: str, S: int, K: int, H: int, gen: torch.Generator) -> 
 
 def run_variant(variant: str, q, kv, idx, dout, old) -> list[object]:
     scale = D**-0.5
-    mod, mode = (old, None) if variant == "old" else (tsm, variant)
+    mod, mode = (old, None) if variant == "old" else (tsm, variant.removesuffix("-det"))
+    det = variant.endswith("-det")
     if mode is not None:
         tsm.ROW_BLOCK_MODE = {"per-row": "off", "row-block": "force", "auto": "auto"}[mode]
     tsm._PLAN_CACHE.clear()
@@ -97,7 +100,7 @@ def run_variant(variant: str, q, kv, idx, dout, old) -> list[object]:
     out, lse = mod._fwd(*fwd_args)
     t_f = attempt(lambda: time_ms(lambda: mod._fwd(*fwd_args)))
     bwd_args = (dout, q, kv, idx, out, lse, scale, V)
-    bwd_args += (pick(p, tsm.ROW_BLOCK_MIN_GAIN_BWD),) if mod is tsm else ()
+    bwd_args += (pick(p, tsm.ROW_BLOCK_MIN_GAIN_BWD), det) if mod is tsm else ()
     t_b = attempt(lambda: time_ms(lambda: mod._bwd(*bwd_args)))
     return [t_f, t_b, t_plan]
 
@@ -115,7 +118,7 @@ def run_size(S: int, H: int, K: int, pattern: str, variants: list[str], old) -> 
     plan = tsm.build_row_block_plan(idx, 4)
     rows = []
     for variant in variants:
-        if variant == "row-block" and tsm.rows_per_block(H) < 2:
+        if variant.startswith("row-block") and tsm.rows_per_block(H) < 2:
             continue
         if variant == "old" and old is None:
             continue

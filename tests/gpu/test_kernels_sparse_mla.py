@@ -77,6 +77,32 @@ ROW_CASES = {
 @pytest.mark.parametrize("name", list(ROW_CASES))
 def test_sparse_mla_rank_heads_gpu(name: str, mode: str, monkeypatch) -> None:
     """Fewer than 64 heads: per-row (fused backward), row-block and the automatic choice."""
+    _check_rank_heads(name, mode, False, monkeypatch)
+
+
+@pytest.mark.parametrize("heads", [16, 64])
+@pytest.mark.parametrize("mode", ["off", "force"])
+def test_sparse_mla_deterministic_gpu(heads: int, mode: str, monkeypatch) -> None:
+    """The deterministic backward: bitwise equal gradients on two runs (the atomic backward is
+    not), within the usual bar of the fp32 reference, in several chunks of blocks."""
+    monkeypatch.setattr(tsm, "ROW_BLOCK_MODE", mode)
+    monkeypatch.setattr(tsm, "DETERMINISTIC_BUFFER", 64 << 20)
+    g = torch.Generator(device=DEV).manual_seed(heads)
+    S, K = 4096, 2048
+    q = torch.randn(1, S, heads, 576, device=DEV, generator=g).bfloat16()
+    kv = torch.randn(1, S, 576, device=DEV, generator=g).bfloat16()
+    dout = torch.randn(1, S, heads, 512, device=DEV, generator=g).bfloat16()
+    idx = correlated_topk_indices(1, S, K, 0.9, tsm.rows_per_block(heads), DEV, generator=g)
+    grads = []
+    for _ in range(2):
+        ql, kvl = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        out, _ = tsm.sparse_mla_triton(ql, kvl, idx, 576**-0.5, 512, True)
+        grads.append(torch.autograd.grad(out, (ql, kvl), dout))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    _check_rank_heads("tp4_rank_causal_4k", mode, True, monkeypatch)
+
+
+def _check_rank_heads(name: str, mode: str, deterministic: bool, monkeypatch) -> None:
     B, S, H, K, corr, make_kr = ROW_CASES[name]
     monkeypatch.setattr(tsm, "ROW_BLOCK_MODE", mode)
     tsm._PLAN_CACHE.clear()
@@ -86,10 +112,18 @@ def test_sparse_mla_rank_heads_gpu(name: str, mode: str, monkeypatch) -> None:
             B_, S_, K_, corr, tsm.rows_per_block(H), device, key_range, gen
         )
 
+    def impl(q, kv, idx, scale, v_dim):
+        return api.sparse_mla(
+            q_BSHD=q, kv_BTD=kv, topk_BSK=idx, softmax_scale=scale, v_dim=v_dim,
+            deterministic=deterministic, backend="triton",
+        )  # fmt: skip
+
     r = check_sparse_mla(
-        _api, B, S, S, H, 576, 512, K, make_kr(), DEV, zlib.crc32(name.encode()), make
+        impl, B, S, S, H, 576, 512, K, make_kr(), DEV, zlib.crc32(name.encode()), make
     )
-    print(f"\n{name}/{mode}: " + ", ".join(f"{k}={v:.3g}" for k, v in r.items()))
+    print(
+        f"\n{name}/{mode}/det={deterministic}: " + ", ".join(f"{k}={v:.3g}" for k, v in r.items())
+    )
     assert r["lse_inf_ok"] == 1.0
     for n in ("out", "lse", "dq", "dkv"):
         assert r[n] <= 2 * r[n + "_bf16"], (n, r)
