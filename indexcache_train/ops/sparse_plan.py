@@ -69,7 +69,7 @@ def build_row_block_plan(
     step = max(1, chunk_elems // (B * W))
     for n0 in range(0, NB, step):
         n1 = min(NB, n0 + step)
-        e, c = _union_chunk(flat_BNW[:, n0:n1].long(), row_W, bm)
+        e, c = _union_chunk(flat_BNW[:, n0:n1].int(), row_W.int(), bm)
         entries[:, n0:n1] = e
         count[:, n0:n1] = c
     n_valid, n_union, widest, top = torch.stack(
@@ -85,8 +85,11 @@ def build_row_block_plan(
 def _union_chunk(
     x_BNW: torch.Tensor, row_W: torch.Tensor, bm: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique keys of each block with their membership bits, ``-1`` padded."""
-    big = torch.iinfo(torch.int64).max
+    """Sorted unique keys of each block with their membership bits, ``-1`` padded.
+
+    Sorts ``key * bm + row`` in int32 (keys < 2^23 and bm <= 8 keep it below 2^26; half the
+    bytes of an int64 sort)."""
+    big = torch.iinfo(torch.int32).max
     v = torch.where(x_BNW >= 0, x_BNW * bm + row_W, big)
     v, _ = v.sort(dim=-1)
     valid = v != big
@@ -98,10 +101,10 @@ def _union_chunk(
     new_pair = valid & (v != prev_v)
     W = v.shape[-1]
     seg = torch.where(valid, first.long().cumsum(-1) - 1, W)  # column W collects padding
-    bits = torch.zeros(*v.shape[:-1], W + 1, dtype=torch.long, device=v.device)
-    bits.scatter_add_(-1, seg, torch.where(new_pair, 1 << row, 0))
+    bits = torch.zeros(*v.shape[:-1], W + 1, dtype=torch.int32, device=v.device)
+    bits.scatter_add_(-1, seg, torch.where(new_pair, 1 << row, 0).to(torch.int32))
     keys = torch.full_like(bits, -1)
-    keys.scatter_(-1, torch.where(first, seg, W), torch.where(first, key, -1))
+    keys.scatter_(-1, torch.where(first, seg, W), torch.where(first, key, -1).to(torch.int32))
     keys, bits = keys[..., :W], bits[..., :W]
     entries = torch.where(keys >= 0, (keys << MEMBER_BITS) | bits, -1).to(torch.int32)
     return entries, first.sum(-1).to(torch.int32)
