@@ -39,7 +39,6 @@ from checkpoint_tools.errors import (
     ShapeMismatchError,
     UnexpectedTensorError,
 )
-from checkpoint_tools.families import family_of
 from checkpoint_tools.hf_io import (
     CONFIG_NAME,
     ShardedCheckpointWriter,
@@ -47,7 +46,7 @@ from checkpoint_tools.hf_io import (
     copy_side_files,
     parse_size,
 )
-from checkpoint_tools.layout import expected_tensors
+from checkpoint_tools.layout import expected_tensors, family_of
 from checkpoint_tools.megatron_dir import (
     DTYPES,
     MODEL_CONFIG_NAME,
@@ -58,7 +57,7 @@ from checkpoint_tools.safetensors_format import TensorSpec, dtype_string, torch_
 from checkpoint_tools.schedule_plan import check_family_support
 from checkpoint_tools.validation import validate_hf_checkpoint
 from indexcache_train.model.config import ModelConfig
-from indexcache_train.model.hf_mapping import FP32_HF_SUFFIXES, TensorMapping, mappings
+from indexcache_train.model.hf_mapping import TensorMapping, mappings
 
 #: Stored keys that hold model tensors (trainer checkpoints also hold optimizer state, RNG, ...).
 _MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.", "mtp.")
@@ -154,12 +153,8 @@ def _plan(source: TorchDistCheckpoint, model: ModelConfig, dtype: torch.dtype) -
                 tensor=m.megatron,
             )
         part = (shape[0] // len(m.hf), *shape[1:])
-        specs = tuple(
-            TensorSpec(
-                h, dtype_string(torch.float32 if h.endswith(FP32_HF_SUFFIXES) else dtype), part
-            )
-            for h in m.hf
-        )
+        part_dtype = dtype_string(torch.float32 if m.fp32 else dtype)
+        specs = tuple(TensorSpec(h, part_dtype, part) for h in m.hf)
         items.append(_Item(m, loc, specs))
         used.add(loc.key)
     extra = [k for k in source.keys if k.startswith(_MODEL_KEY_PREFIXES) and k not in used]

@@ -43,8 +43,8 @@ from checkpoint_tools.errors import (
     OutputExistsError,
     ParallelLayoutError,
 )
-from checkpoint_tools.families import family_of
 from checkpoint_tools.hf_io import CONFIG_NAME, HFCheckpoint, check_output_dir, move_into_place
+from checkpoint_tools.layout import family_of
 from checkpoint_tools.megatron_dir import (
     DTYPES,
     FORMAT,

@@ -26,9 +26,9 @@ import torch
 import yaml
 
 from checkpoint_tools.errors import ConfigError
-from checkpoint_tools.schedule_plan import SCHEDULE_KEYS
 from indexcache_train.model.config import ModelConfig
 from indexcache_train.schedule import IndexCacheSchedule
+from indexcache_train.schedule.hf_keys import SCHEDULE_KEYS
 
 MODEL_CONFIG_NAME = "model_config.yaml"
 IMPORT_METADATA_NAME = "import_metadata.json"

@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- model
 def all_full_trunk_config(hf_config: dict[str, Any]) -> dict[str, Any]:
     """The config with every trunk layer Full and no MTP layer (explicit ``indexer_types``)."""
-    from checkpoint_tools.schedule_plan import SCHEDULE_KEYS
     from indexcache_train.schedule import IndexCacheSchedule
+    from indexcache_train.schedule.hf_keys import SCHEDULE_KEYS
 
     n = int(hf_config["num_hidden_layers"])
     out = {k: v for k, v in hf_config.items() if k not in SCHEDULE_KEYS}

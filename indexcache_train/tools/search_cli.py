@@ -167,9 +167,6 @@ def write_outputs(out: Path, result: SearchResult, args: argparse.Namespace, n: 
 
 
 # ---------------------------------------------------------------------- config and data
-_TOY_PRESETS = ("glm5_toy", "dsv32_toy")
-
-
 def _load_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if args.hf is not None:
         from checkpoint_tools.errors import CheckpointError
@@ -181,28 +178,31 @@ def _load_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             return load_config(args.hf), str(args.hf.resolve())
         except CheckpointError as err:
             raise SearchRefusedError(str(err)) from None
-    from indexcache_train.model.presets import PRESETS, preset_hf_config
+    from indexcache_train.model.presets import PRESETS, is_toy_preset, preset_hf_config
 
     if args.model not in PRESETS:
         raise SearchRefusedError(
             f"--model {args.model!r} is not a preset; choose one of {sorted(PRESETS)}."
         )
-    if args.num_layers is not None and args.model not in _TOY_PRESETS:
-        raise SearchRefusedError(f"--num-layers only applies to the toy presets {_TOY_PRESETS}.")
-    config = _toy_config(args.model, args.num_layers) if args.model in _TOY_PRESETS else None
+    toys = sorted(p for p in PRESETS if is_toy_preset(p))
+    if args.num_layers is not None and args.model not in toys:
+        raise SearchRefusedError(f"--num-layers only applies to the toy presets {toys}.")
+    config = _toy_config(args.model, args.num_layers) if is_toy_preset(args.model) else None
     label = f"{args.model}" + (f"[{args.num_layers} layers]" if args.num_layers else "")
     return config or preset_hf_config(args.model), label
 
 
 def _toy_config(name: str, num_layers: int | None, vocab: int | None = None) -> dict[str, Any]:
-    from indexcache_train.model.toy_configs import dsv32_toy_hf_config, glm5_toy_hf_config
+    from indexcache_train.model.families import preset_owner
 
-    kw: dict[str, Any] = {"num_mtp_layers": 0}
+    family = preset_owner(name)
+    assert family is not None  # callers checked is_toy_preset(name)
+    kw: dict[str, Any] = dict(family.presets[name].overrides)
     if num_layers is not None:
         kw["num_hidden_layers"] = num_layers
     if vocab is not None:
         kw["vocab_size"] = vocab
-    return (glm5_toy_hf_config if name == "glm5_toy" else dsv32_toy_hf_config)(**kw)
+    return family.toy_hf_config(0, **kw)
 
 
 def load_calibration_batches(data: str, batches: int, batch_size: int, seq: int) -> list:
@@ -260,7 +260,9 @@ class _ModelEvaluator:
         use_cuda = args.device == "cuda" or (args.device == "auto" and compat.has_cuda())
         self.device = torch.device("cuda" if use_cuda else "cpu")
         model_io.init_single_process(args.seed)
-        if args.hf is None and args.model in _TOY_PRESETS:
+        from indexcache_train.model.presets import is_toy_preset
+
+        if args.hf is None and is_toy_preset(args.model):
             vocab = max(int(hf_config["vocab_size"]), -(-vocab_needed // 64) * 64)
             hf_config = _toy_config(args.model, args.num_layers, vocab)
         self.hf_config = hf_config
