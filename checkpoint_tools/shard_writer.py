@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -136,10 +137,7 @@ class ShardedCheckpointWriter:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> ShardedCheckpointWriter:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(
-            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent)
-        )
+        self.tmp_dir = make_tmp_dir(self.out_dir)
         self._progress = make_progress(
             self._total_bytes, f"writing {self.out_dir.name}", self._show_progress
         )
@@ -299,6 +297,22 @@ def shard_file_names(count: int) -> list[str]:
     if count == 1:
         return [SINGLE_FILE_NAME]
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def make_tmp_dir(out_dir: Path) -> Path:
+    """A fresh temporary sibling of ``out_dir`` (renamed into place when complete).
+
+    Made with a plain ``mkdir``, so its mode is 0777 less the umask: the output is a checkpoint
+    other users serve, and ``tempfile.mkdtemp``'s 0700 would survive the rename.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
