@@ -46,6 +46,12 @@ from indexcache_train.tools.pattern_search import (
     check_request,
     greedy_search,
 )
+from indexcache_train.tools.plot import (
+    PlotsUnavailableError,
+    loss_curve_figure,
+    require_matplotlib,
+    to_png,
+)
 
 LOG_NAME, RESULT_NAME, PLOT_NAME = "search_log.jsonl", "result.json", "loss.png"
 
@@ -81,6 +87,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run or resume the search; 2 (reason and fix on stderr) when refused."""
     try:
+        require_matplotlib()  # before any compute
         hf_config, label = _load_config(args)
         n = int(hf_config["num_hidden_layers"])
         if args.hf is not None:
@@ -111,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             meta=meta,
             on_commit=lambda c: _print_commit(c, start),
         )
-    except (SearchError, SearchLogError, SearchRefusedError) as err:
+    except (SearchError, SearchLogError, SearchRefusedError, PlotsUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_outputs(args.out, result, args, n)
@@ -137,7 +144,6 @@ def _print_commit(c: Commit, start: float) -> None:
 def write_outputs(out: Path, result: SearchResult, args: argparse.Namespace, n: int) -> None:
     """``result.json`` and ``loss.png`` (the log is written as the search goes)."""
     from indexcache_train.schedule import IndexCacheSchedule
-    from indexcache_train.tools.plot import line_plot_png
 
     keys = IndexCacheSchedule.from_pattern(result.pattern, n).to_hf_config()
     doc: dict[str, Any] = {
@@ -163,7 +169,13 @@ def write_outputs(out: Path, result: SearchResult, args: argparse.Namespace, n: 
             f"--pattern {result.pattern}"
         )
     (out / RESULT_NAME).write_text(json.dumps(doc, indent=2) + "\n")
-    (out / PLOT_NAME).write_bytes(line_plot_png(result.losses))
+    figure = loss_curve_figure(
+        result.losses,
+        title=f"greedy pattern search: {result.pattern.count('F')}/{n} layers Full",
+        xlabel="search step (0 = all Full, then one per commit)",
+        ylabel="calibration LM loss",
+    )
+    (out / PLOT_NAME).write_bytes(to_png(figure))
 
 
 # ---------------------------------------------------------------------- config and data
