@@ -29,7 +29,6 @@ from checkpoint_tools.errors import ConfigError
 from indexcache_train.model.config import ModelConfig
 from indexcache_train.schedule import IndexCacheSchedule
 from indexcache_train.schedule.hf_keys import SCHEDULE_KEYS
-from indexcache_train.training.checkpointing import STEP_PREFIX, latest
 
 MODEL_CONFIG_NAME = "model_config.yaml"
 IMPORT_METADATA_NAME = "import_metadata.json"
@@ -173,6 +172,10 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, str | None]:
     Raises:
         ConfigError: a run directory without a complete checkpoint.
     """
+    # The trainer owns the run layout and what "latest" means; imported here only (the one
+    # import of training code by the checkpoint tools).
+    from indexcache_train.training.checkpointing import STEP_PREFIX, latest
+
     directory = Path(path)
     if (directory / MODEL_CONFIG_NAME).is_file():
         return directory, None
