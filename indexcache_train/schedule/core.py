@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 FULL = "full"
 SHARED = "shared"
@@ -237,29 +238,11 @@ class IndexCacheSchedule:
         return hf_keys.read_hf_config(config, num_mtp_layers)
 
     @classmethod
-    def from_keys(
-        cls,
-        num_layers: int,
-        num_mtp_layers: int = 0,
-        *,
-        index_topk_freq: int | None = None,
-        index_skip_topk_offset: int | None = None,
-        index_topk_pattern: str | None = None,
-        indexer_types: Sequence[str] | None = None,
-        index_share_for_mtp_iteration: bool = False,
-    ) -> IndexCacheSchedule:
+    def from_keys(cls, num_layers: int, num_mtp_layers: int = 0, **keys: Any) -> IndexCacheSchedule:
         """Our YAML's schedule keys (:func:`.hf_keys.read_yaml_keys`: no default offset)."""
         from indexcache_train.schedule import hf_keys
 
-        return hf_keys.read_yaml_keys(
-            num_layers,
-            num_mtp_layers,
-            index_topk_freq=index_topk_freq,
-            index_skip_topk_offset=index_skip_topk_offset,
-            index_topk_pattern=index_topk_pattern,
-            indexer_types=indexer_types,
-            index_share_for_mtp_iteration=index_share_for_mtp_iteration,
-        )
+        return hf_keys.read_yaml_keys(num_layers, num_mtp_layers, **keys)
 
     def to_hf_config(self) -> dict[str, object]:
         """Schedule keys for an exported ``config.json`` (:func:`.hf_keys.write_hf_config`)."""
