@@ -155,9 +155,26 @@ class ModelFamily:
         return {k: v for k, v in TOY_SIZES.items() if k not in drop}
 
     def preset_hf_config(self, name: str) -> dict[str, Any]:
+        """The preset's full config dict (built by the transformers config class)."""
         preset = self.presets[name]
         build = self.toy_hf_config if preset.toy else self.hf_config
         return build(preset.num_mtp_layers, **preset.overrides)
+
+    def preset_keys(self, name: str) -> dict[str, Any]:
+        """The preset's config keys this record knows, without importing transformers (torch).
+
+        Enough for the schedule and layout tools: ``model_type``, layer counts, dense layers,
+        schedule keys, the family defaults (and toy sizes for a toy preset).
+        """
+        preset = self.presets[name]
+        sizes = self.toy_sizes() if preset.toy else {}
+        return {
+            **self.hf_defaults,
+            **sizes,
+            **preset.overrides,
+            "model_type": self.model_type,
+            "num_nextn_predict_layers": preset.num_mtp_layers,
+        }
 
     # ------------------------------------------------------------------ config reading
     @property
@@ -242,6 +259,7 @@ def preset_names() -> list[str]:
 
 # The two DSA families share transformers' routing / eps defaults except where noted.
 _COMMON_DEFAULTS: dict[str, Any] = {
+    "num_hidden_layers": 61,
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
     "initializer_range": 0.02,
@@ -292,6 +310,7 @@ GLM_MOE_DSA = register_family(
         dsa_model_type="glm_moe_dsa",
         hf_defaults={
             **_DSA_DEFAULTS,
+            "num_hidden_layers": 78,
             "rms_norm_eps": 1e-5,
             "index_n_heads": 32,
             "max_position_embeddings": 202752,
@@ -349,6 +368,7 @@ GLM4_MOE_LITE = register_family(
         dsa_model_type="glm_moe_dsa",
         hf_defaults={
             **{k: v for k, v in _COMMON_DEFAULTS.items() if k != "first_k_dense_replace"},
+            "num_hidden_layers": 47,
             "rms_norm_eps": 1e-5,
             "routed_scaling_factor": 1.8,
         },

@@ -1,8 +1,9 @@
 """``--model``: a preset name or a ``config.json`` path, resolved to an HF config dict.
 
-Presets are the registry's (:mod:`indexcache_train.model.presets`), full HF configs, so a preset
-and a real ``config.json`` go through the same code (:func:`load_model_config`, then
-``IndexCacheSchedule.from_hf_config``).
+A preset gives the keys its family record knows (``ModelFamily.preset_keys``: layer counts,
+dense layers, schedule keys; HF key names), without importing transformers or torch, so the
+schedule tools stay light; a preset and a real ``config.json`` go through the same code
+(:func:`load_model_config`, then ``IndexCacheSchedule.from_hf_config``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from indexcache_train.model.presets import PRESETS, preset_hf_config
+from indexcache_train.model.families import preset_owner
+from indexcache_train.model.presets import PRESETS
 
 
 class ModelNotFoundError(ValueError):
@@ -30,8 +32,9 @@ def load_model_config(model: str) -> tuple[str, dict[str, Any]]:
     Raises:
         ModelNotFoundError: Unknown preset and no such config file.
     """
-    if model in PRESETS:
-        return model, preset_hf_config(model)
+    family = preset_owner(model)
+    if family is not None:
+        return model, family.preset_keys(model)
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"

@@ -121,6 +121,9 @@ def test_presets_come_from_the_records() -> None:
         family = FAMILIES[config["model_type"]]
         assert name in family.presets
         assert ModelConfig.from_hf_config(config).family == family.model_type
+        # The torch-free subset the schedule tools use agrees with the full config.
+        keys = family.preset_keys(name)
+        assert {k: config.get(k) for k in keys} == keys, name
     with pytest.raises(KeyError, match="unknown model preset 'glm9'"):
         preset_hf_config("glm9")
 
