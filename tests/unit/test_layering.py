@@ -40,9 +40,7 @@ def _violations(paths: list[Path], forbidden: tuple[str, ...]) -> list[str]:
 
 
 def test_schedule_is_pure_python() -> None:
-    assert (
-        _violations(_modules("schedule"), ("torch", "megatron", "transformers", "numpy")) == []
-    )
+    assert _violations(_modules("schedule"), ("torch", "megatron", "transformers", "numpy")) == []
 
 
 def test_model_and_kernels_import_no_training_code() -> None:
