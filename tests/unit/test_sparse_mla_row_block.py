@@ -12,16 +12,11 @@ agree with each other to fp32 summation order.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from indexcache_train.ops.sparse_plan import MEMBER_BITS, build_row_block_plan
+from tests.helpers.interpreter import main_guard, run_interpreted
 
 SLACK = 2.0
 FLOOR = 1e-6
@@ -165,23 +160,7 @@ def _cases() -> dict[str, dict[str, float]]:
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict[str, float]]:
     pytest.importorskip("triton")
-    repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(repo) + os.pathsep + env.get("PYTHONPATH", ""),
-        TRITON_INTERPRET="1",
-        TORCHDYNAMO_DISABLE="1",
-    )
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        env=env,
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("mode", ["off", "force", "off_det", "force_det"])
@@ -208,6 +187,4 @@ def test_paths_agree(results: dict[str, dict[str, float]], case: str) -> None:
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run with TRITON_INTERPRET=1")
-    print(json.dumps(_cases()))
+    main_guard(_cases)
