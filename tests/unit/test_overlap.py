@@ -149,11 +149,11 @@ def test_absorbed_qkv_reproduces_the_attention_output(megatron: None) -> None:
         x, dsa_state, out = seen[i]
         q_abs, kv = absorbed_qkv(a, x, dsa_state)
         lat, _ = ops.sparse_mla(
-            q_abs,
-            kv,
-            st.captured_topk[i],
-            a.dims.softmax_scale,
-            a.dims.kv_lora_rank,
+            q_BSHD=q_abs,
+            kv_BTD=kv,
+            topk_BSK=st.captured_topk[i],
+            softmax_scale=a.dims.softmax_scale,
+            v_dim=a.dims.kv_lora_rank,
             backend="torch",
         )
         _, w_uv = a._kv_up_weights()
