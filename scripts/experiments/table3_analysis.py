@@ -114,14 +114,12 @@ def hf_check_argv(hf: Path, val_prefix: str, spec: Any, out: Path) -> list[str]:
 def _transformers_loss(hf: Path, docs: list, dtype: Any, device: Any) -> float:
     """Token-mean NLL of transformers' model over ``docs`` (each: ids, all rows scored)."""
     import torch
-    import transformers
 
-    from checkpoint_tools.families import FAMILIES
     from checkpoint_tools.hf_io import load_config
+    from indexcache_train.model.families import get_family
     from indexcache_train.tools.long_eval import token_scores
 
-    family = FAMILIES[load_config(hf)["model_type"]]
-    cls = getattr(transformers, family.architecture)
+    cls = get_family(load_config(hf)["model_type"]).hf_model_class()
     model = cls.from_pretrained(str(hf), dtype=dtype, attn_implementation="sdpa").to(device)
     model.eval()
     total, rows = 0.0, 0
