@@ -15,6 +15,7 @@ ATTENTION = ("dense", "sparse")
 TRAINABLE = ("indexers", "all")
 DISTILL_MODES = ("multi", "own_layer", "none")
 BACKENDS = ("auto", "torch", "triton")
+GROUPED_GEMM = ("auto", "true", "false")
 
 
 class ConfigError(ValueError):
@@ -174,6 +175,10 @@ def resolve_model(cfg: TrainConfig) -> Any:
         m.lm_loss_chunk >= 0,
         f"model.lm_loss_chunk={m.lm_loss_chunk}: use 0 (whole-sequence logits) or a positive "
         "number of tokens per chunk",
+    )
+    _require(
+        m.moe_grouped_gemm.lower() in GROUPED_GEMM,
+        f"model.moe_grouped_gemm={m.moe_grouped_gemm!r}: use one of {GROUPED_GEMM}",
     )
     if m.kernel_backend == "triton":
         _check_kernel_dims(cfg, model)
