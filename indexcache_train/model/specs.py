@@ -59,7 +59,8 @@ class Backend:
     experts: Any
 
 
-_EXPERT_MLP = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+#: The routed experts' MLP (fc1 column-, fc2 row-parallel), shared by both expert modules.
+EXPERT_MLP = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 LOCAL = Backend(
     name="local",
     column_parallel_linear=ColumnParallelLinear,
@@ -67,11 +68,11 @@ LOCAL = Backend(
     duplicated_linear=DuplicatedLinear,
     rms_norm=RMSNorm,
     layer_norm=LayerNorm,
-    experts=partial(SequentialMLP, submodules=_EXPERT_MLP),
+    experts=partial(SequentialMLP, submodules=EXPERT_MLP),
 )
 #: LOCAL with the routed experts as grouped GEMMs (``model.moe_grouped_gemm``; same checkpoints).
 LOCAL_GROUPED = replace(
-    LOCAL, name="local_grouped", experts=partial(GroupedExperts, submodules=_EXPERT_MLP)
+    LOCAL, name="local_grouped", experts=partial(GroupedExperts, submodules=EXPERT_MLP)
 )
 
 

@@ -15,7 +15,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from indexcache_train.model.config import ModelConfig
 from indexcache_train.model.factory import ParallelSettings, transformer_config
 from indexcache_train.model.grouped_experts import GroupedExperts, use_grouped_experts
-from indexcache_train.model.specs import _EXPERT_MLP
+from indexcache_train.model.specs import EXPERT_MLP
 from indexcache_train.model.toy_configs import glm5_toy_hf_config
 from tests.helpers.megatron_env import init_single_process
 
@@ -32,7 +32,7 @@ def _experts(cls, hidden: int, ffn: int, n: int, dtype: torch.dtype):
     par = ParallelSettings(params_dtype=dtype, bf16=dtype == torch.bfloat16)
     tcfg = transformer_config(cfg, par)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
-    return cls(n, tcfg, _EXPERT_MLP, pg_collection=pgs).cuda()
+    return cls(n, tcfg, EXPERT_MLP, pg_collection=pgs).cuda()
 
 
 def _run(experts, x, counts, probs, dout):

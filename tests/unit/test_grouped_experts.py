@@ -21,7 +21,7 @@ from indexcache_train.model import grouped_experts
 from indexcache_train.model.factory import transformer_config
 from indexcache_train.model.forward_state import DistillSettings
 from indexcache_train.model.grouped_experts import GroupedExperts, use_grouped_experts
-from indexcache_train.model.specs import _EXPERT_MLP, LOCAL_GROUPED
+from indexcache_train.model.specs import EXPERT_MLP, LOCAL_GROUPED
 from indexcache_train.model.toy_configs import glm5_toy_hf_config
 from tests.helpers.megatron_env import init_single_process
 from tests.helpers.models import CPU_PARALLEL, build_toy, state
@@ -152,5 +152,5 @@ def test_unsupported_mlp_settings_are_refused() -> None:
     tcfg = dataclasses.replace(transformer_config(cfg, CPU_PARALLEL), add_bias_linear=True)
     with pytest.raises(ValueError, match="add_bias_linear"):
         GroupedExperts(
-            4, tcfg, _EXPERT_MLP, pg_collection=ProcessGroupCollection.use_mpu_process_groups()
+            4, tcfg, EXPERT_MLP, pg_collection=ProcessGroupCollection.use_mpu_process_groups()
         )
