@@ -120,7 +120,7 @@ def _unsupported(config: TransformerConfig) -> list[str]:
     return [name for name, on in checks.items() if on]
 
 
-def _activation(config: TransformerConfig, h_RF: torch.Tensor) -> torch.Tensor:
+def expert_activation(config: TransformerConfig, h_RF: torch.Tensor) -> torch.Tensor:
     """Megatron ``MLP``'s unfused activation (GLU split, optional clamp, offset)."""
     if not config.gated_linear_unit:
         return config.activation_func(h_RF)
@@ -161,7 +161,7 @@ class GroupedExperts(SequentialMLP):
         """Tokens grouped by local expert (the dispatcher's order), as ``SequentialMLP``."""
         x_RH, experts = permuted_local_hidden_states, self.local_experts
         h_RF = grouped_linear(x_RH, tokens_per_expert, [e.linear_fc1.weight for e in experts])
-        act_RF = _activation(self.config, h_RF)
+        act_RF = expert_activation(self.config, h_RF)
         # As MLP's per_token_scale: the product in the probabilities' dtype, cast back.
         act_RF = (act_RF * permuted_probs.unsqueeze(-1)).to(act_RF.dtype)
         out_RH = grouped_linear(act_RF, tokens_per_expert, [e.linear_fc2.weight for e in experts])
