@@ -321,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     out = run(args)
     text = render(out)
     print(f"\n{out['device']} | {out['package']}\n\n{text}")
-    (Path(args.out) / "glm5_layers.md").write_text(text + "\n")
     return 0
 
 

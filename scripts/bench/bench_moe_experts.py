@@ -206,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         + (verdict(cases) if device.type == "cuda" else "no verdict: CPU smoke timings")
     )
     print("\n" + text)
-    (Path(args.out) / "moe_experts.md").write_text(text + "\n")
     return 0
 
 

@@ -29,7 +29,9 @@ def _experts(cls, hidden: int, ffn: int, n: int, dtype: torch.dtype):
     cfg = ModelConfig.from_hf_config(
         glm5_toy_hf_config(hidden_size=hidden, moe_intermediate_size=ffn, n_routed_experts=n)
     )
-    par = ParallelSettings(params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    par = ParallelSettings(
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=False
+    )
     tcfg = transformer_config(cfg, par)
     pgs = ProcessGroupCollection.use_mpu_process_groups()
     return cls(n, tcfg, EXPERT_MLP, pg_collection=pgs).cuda()
