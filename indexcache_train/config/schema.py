@@ -33,6 +33,10 @@ class ModelSection:
     lm_loss_chunk: int = 0
     """Tokens per chunk of the LM head + cross-entropy (recomputed per chunk in the backward), so
     the fp32 logits of a whole sequence never exist at once; 0: Megatron's unchunked path."""
+    moe_grouped_gemm: str = "false"
+    """Routed experts as one grouped GEMM per projection (``model/grouped_experts.py``, same
+    checkpoints) instead of Megatron's per-expert loop: ``true``, ``false`` or ``auto`` (grouped
+    on GPUs that run ``torch._grouped_mm`` in bf16, i.e. sm_90+)."""
 
 
 @dataclass

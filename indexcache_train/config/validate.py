@@ -14,6 +14,7 @@ from indexcache_train.config.schema import TrainConfig
 ATTENTION = ("dense", "sparse")
 TRAINABLE = ("indexers", "all")
 DISTILL_MODES = ("multi", "own_layer", "none")
+GROUPED_GEMM = ("auto", "true", "false")
 
 
 class ConfigError(ValueError):
@@ -169,6 +170,10 @@ def resolve_model(cfg: TrainConfig) -> Any:
         m.lm_loss_chunk >= 0,
         f"model.lm_loss_chunk={m.lm_loss_chunk}: use 0 (whole-sequence logits) or a positive "
         "number of tokens per chunk",
+    )
+    _require(
+        m.moe_grouped_gemm.lower() in GROUPED_GEMM,
+        f"model.moe_grouped_gemm={m.moe_grouped_gemm!r}: use one of {GROUPED_GEMM}",
     )
     _check_kernel_backend(cfg, model)
     _require(m.seq_length > 1, "model.seq_length must be > 1")

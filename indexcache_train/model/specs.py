@@ -12,7 +12,7 @@ run and test; a Transformer Engine backend would implement the same attributes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -40,6 +40,7 @@ from indexcache_train.model.attention import (
 )
 from indexcache_train.model.config import ModelConfig
 from indexcache_train.model.dims import MLADims
+from indexcache_train.model.grouped_experts import GroupedExperts
 from indexcache_train.model.indexer import IndexerSubmodules, LightningIndexer
 from indexcache_train.model.layers import DSAMultiTokenPredictionLayer, DSATransformerLayer
 
@@ -58,6 +59,8 @@ class Backend:
     experts: Any
 
 
+#: The routed experts' MLP (fc1 column-, fc2 row-parallel), shared by both expert modules.
+EXPERT_MLP = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 LOCAL = Backend(
     name="local",
     column_parallel_linear=ColumnParallelLinear,
@@ -65,10 +68,11 @@ LOCAL = Backend(
     duplicated_linear=DuplicatedLinear,
     rms_norm=RMSNorm,
     layer_norm=LayerNorm,
-    experts=partial(
-        SequentialMLP,
-        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-    ),
+    experts=partial(SequentialMLP, submodules=EXPERT_MLP),
+)
+#: LOCAL with the routed experts as grouped GEMMs (``model.moe_grouped_gemm``; same checkpoints).
+LOCAL_GROUPED = replace(
+    LOCAL, name="local_grouped", experts=partial(GroupedExperts, submodules=EXPERT_MLP)
 )
 
 

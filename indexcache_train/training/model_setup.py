@@ -30,6 +30,8 @@ from indexcache_train.config.schema import StageSection, TrainConfig
 from indexcache_train.model.config import ModelConfig
 from indexcache_train.model.factory import ParallelSettings, build_model, transformer_config
 from indexcache_train.model.gpt import IndexCacheGPTModel
+from indexcache_train.model.grouped_experts import use_grouped_experts
+from indexcache_train.model.specs import LOCAL, LOCAL_GROUPED
 
 
 def is_indexer_param(name: str) -> bool:
@@ -75,6 +77,7 @@ def build_chunks(
         ps.get_pipeline_model_parallel_rank(),
         ps.get_pipeline_model_parallel_world_size(),
     )
+    grouped = use_grouped_experts(cfg.model.moe_grouped_gemm, device, tcfg.params_dtype)
     chunks = []
     for vp in range(vpp):
         vp_stage = vp if vpp > 1 else None
@@ -87,6 +90,7 @@ def build_chunks(
             post_process=last,
             pp_rank=pp_rank,
             vp_stage=vp_stage,
+            backend=LOCAL_GROUPED if grouped else LOCAL,
             kernel_backend=cfg.model.kernel_backend,
             max_sequence_length=cfg.model.seq_length,
             lm_loss_chunk=cfg.model.lm_loss_chunk,

@@ -1,4 +1,4 @@
-"""Timing, memory and table helpers shared by the kernel benchmarks (CUDA only)."""
+"""Timing, memory and table helpers shared by the benchmarks (timing and memory need CUDA)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,17 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+
+
+def _import_this_checkout_unless_pythonpath_has_one() -> None:
+    """``indexcache_train`` from ``PYTHONPATH`` when it holds one (e.g. an older tree measured
+    with this tree's scripts: ``PYTHONPATH=.baseline``), else from this checkout."""
+    entries = [Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if not any((p / "indexcache_train" / "__init__.py").is_file() for p in entries):
+        sys.path.insert(0, str(REPO))
+
+
+_import_this_checkout_unless_pythonpath_has_one()
 
 GIB = float(1 << 30)
 OOM = "OOM"
@@ -67,7 +76,8 @@ def attempt(fn: Callable[[], object]) -> object:
 
 def free() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def fmt(x: object, digits: int = 1) -> str:
@@ -83,6 +93,8 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def device_line() -> str:
+    if not torch.cuda.is_available():
+        return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}: smoke run, no timings"
     p = torch.cuda.get_device_properties(0)
     return f"{p.name} ({p.total_memory / GIB:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}"
 
@@ -128,3 +140,11 @@ def save(name: str, payload: dict) -> None:
     out = Path(os.environ.get("BENCH_JSON_DIR", REPO / "outputs" / "bench"))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+
+
+def write_json(path: Path, payload: object) -> None:
+    """Atomic: a reader, or a run killed by its timeout, never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(path)

@@ -16,15 +16,8 @@ OUT=${OUT:-outputs/e2e}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CORPUS_V1_DIR=${CORPUS_V1_DIR:-.devdata/corpus_v1}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-run() {  # run NAME TIMEOUT CMD...
-  local name=$1 t=$2; shift 2
-  local t0=$SECONDS
-  echo "=== $name: $*"
-  timeout "$t" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  grep -v "^\[rank\|warn" "$OUT/$name.log" | tail -n "${TAIL:-40}"
-  echo "=== $name done in $((SECONDS - t0)) s (rc $rc)"
-}
+# shellcheck source=scripts/bench/_stage.sh
+source "$(dirname "$0")/_stage.sh"
 for stage in "$@"; do
   case $stage in
     gputests)

@@ -58,6 +58,16 @@ def test_parallel_equals_single_process(
     # sparse case is therefore checked exactly without MTP; the CP warm-up (indexer terms only,
     # MTP layer included) is exact.
     no_mtp = ["--no-mtp"] if (scenario, attention) == ("cp2", "sparse") else []
+    _check(work, scenario, attention, no_mtp, subprocess_env)
+
+
+def test_grouped_experts_ep2_equal_sequential_single_process(work: Path, subprocess_env) -> None:
+    # model.moe_grouped_gemm: the grouped experts at EP=2 load the SequentialMLP reference's
+    # dist checkpoint (same sharded keys) and reproduce its loss and every gradient.
+    _check(work, "ep2_grouped", "sparse", [], subprocess_env)
+
+
+def _check(work: Path, scenario: str, attention: str, no_mtp: list[str], subprocess_env) -> None:
     out = _torchrun(
         2,
         [

@@ -1,7 +1,7 @@
 """Loss and gradients of a toy IndexCache model at a parallel layout vs one process.
 
     python parallel_equivalence.py reference --work DIR [--attention sparse|dense]
-    torchrun --nproc-per-node 2 parallel_equivalence.py parallel --work DIR --scenario tp2sp|ep2|dp2|cp2
+    torchrun --nproc-per-node 2 parallel_equivalence.py parallel --work DIR --scenario tp2sp|ep2|dp2|cp2|...
 
 ``reference`` builds the toy (fixed seed), saves it as a dist checkpoint, runs one training
 forward/backward through Megatron's schedule (DDP, distillation loss on) on a fixed batch and
@@ -41,6 +41,10 @@ SCENARIOS = {
     "tp2sp_lmchunk": dict(tensor_model_parallel_size=2, sequence_parallel=True),
 }
 LM_LOSS_CHUNK = {"tp2sp_lmchunk": 24}
+# EP=2 with the grouped-GEMM experts (model/grouped_experts.py) against the SequentialMLP
+# reference: it must load the same dist checkpoint and give the same loss and gradients.
+SCENARIOS["ep2_grouped"] = SCENARIOS["ep2"]
+GROUPED_EXPERTS = {"ep2_grouped"}
 SCENARIO = None
 
 
@@ -95,11 +99,14 @@ def _setup(scenario: str | None):
 def _build(par):
     from indexcache_train.model.config import ModelConfig
     from indexcache_train.model.factory import build_model, transformer_config
+    from indexcache_train.model.specs import LOCAL, LOCAL_GROUPED
 
     cfg = ModelConfig.from_hf_config(_hf_config())
     torch.manual_seed(0)
     chunk = LM_LOSS_CHUNK.get(SCENARIO, 0)
-    return cfg, build_model(cfg, transformer_config(cfg, par), lm_loss_chunk=chunk).to(DEVICE)
+    backend = LOCAL_GROUPED if SCENARIO in GROUPED_EXPERTS else LOCAL
+    model = build_model(cfg, transformer_config(cfg, par), lm_loss_chunk=chunk, backend=backend)
+    return cfg, model.to(DEVICE)
 
 
 def _batch():

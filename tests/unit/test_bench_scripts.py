@@ -1,0 +1,143 @@
+"""The GPU benchmark scripts (GLM-5-dims layers, step profile, MoE experts) cannot rot: their
+``--smoke`` mode runs the same code on the CPU at toy sizes; the profile classifier and the
+allocator-trace replay are checked on recorded kernel names and a hand-made trace."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bench_glm5_layers  # noqa: E402
+import bench_moe_experts  # noqa: E402
+import profile_step  # noqa: E402
+
+# Kernel names as torch.profiler reports them on the H100 (torch 2.11, CUDA 13).
+RECORDED = [
+    ("_sparse_mla_bwd_kernel", False, "sparse MLA bwd"),
+    ("_sparse_mla_fwd_kernel", False, "sparse MLA fwd"),
+    ("_topk_kl_kernel", False, "distillation kernels"),
+    ("_topk_probs_kernel", False, "distillation kernels"),
+    ("_dense_g_kernel", False, "distillation kernels"),
+    ("_row_lse_kernel", False, "distillation kernels"),
+    ("_indexer_scores_kernel", False, "indexer scores + top-k"),
+    (
+        "void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>("
+        "at::cuda::detail::TensorInfo<float const, unsigned int>, unsigned int)",
+        False,
+        "indexer scores + top-k",
+    ),
+    (
+        "void at::native::bitonicSortKVInPlace<2, -1, 16, 16, float, long, "
+        "at::native::GTOp<float, true>, unsigned int>(at::cuda::detail::TensorInfo<float, "
+        "unsigned int>, unsigned int)",
+        False,
+        "indexer scores + top-k",
+    ),
+    (
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_"
+        "kernel0_0",
+        False,
+        "dense attention",
+    ),
+    ("_attn_fwd_kernel", False, "dense attention"),
+    (
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_"
+        "execute_segment_k_off_kernel__5x_cublas",
+        False,
+        "GEMMs",
+    ),
+    ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTT", True, "GEMMs"),  # expert GEMMs stay GEMMs
+    (
+        "void cutlass::device_kernel<at::cuda::detail::enable_3x_kernel_for_sm9x<cutlass::gemm::"
+        "kernel::GemmUniversal<cutlass::gemm::GroupProblemShape<cute::tuple<int, int, int> > > > >",
+        True,
+        "GEMMs",
+    ),
+    (
+        "void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<c10::"
+        "BFloat16, c10::BFloat16, c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, "
+        "std::array<char*, 3ul> >(int, at::native::BinaryFunctor<c10::BFloat16, c10::BFloat16, "
+        "c10::BFloat16, at::native::binary_internal::MulFunctor<float> >, std::array<char*, 3ul>)",
+        False,
+        "elementwise / copies / cat / casts",
+    ),
+    (
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy_contig<at::native::"
+        "(anonymous namespace)::OpaqueType<2u>, unsigned int, 2, 128, 1>",
+        False,
+        "elementwise / copies / cat / casts",
+    ),
+    ("Memcpy DtoD (Device -> Device)", False, "elementwise / copies / cat / casts"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", False, "NCCL"),
+    (  # the router's top-k runs in an MoE layer: MoE, not the indexer's
+        "void at::native::sbtopk::gatherTopK<float, unsigned int, 2, false>("
+        "at::cuda::detail::TensorInfo<float const, unsigned int>, unsigned int)",
+        True,
+        profile_step.MOE,
+    ),
+    ("void at::native::index_elementwise_kernel<128, 4>", True, profile_step.MOE),
+]
+
+
+@pytest.mark.parametrize(("name", "in_moe", "family"), RECORDED)
+def test_classifier_on_recorded_kernel_names(name: str, in_moe: bool, family: str) -> None:
+    assert profile_step.classify(name, in_moe) == family
+
+
+def _frame(where: str) -> list[dict]:
+    return [{"filename": f"/x/indexcache_train/{where}.py", "line": 1, "name": where}]
+
+
+def test_peak_allocations_replays_the_trace() -> None:
+    gib = 1 << 30
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 1 * gib, "frames": _frame("a")},
+        {"action": "alloc", "addr": 2, "size": 2 * gib, "frames": _frame("b")},
+        {"action": "free_completed", "addr": 1, "size": 1 * gib},
+        {"action": "alloc", "addr": 3, "size": 4 * gib, "frames": _frame("b")},  # peak: 2 + 4
+        {"action": "free_requested", "addr": 3, "size": 4 * gib},
+        {"action": "alloc", "addr": 4, "size": 3 * gib, "frames": []},
+    ]
+    m = profile_step.peak_allocations(trace)
+    assert (m["peak_gib"], m["oom"], m["live_at_peak"]) == (6.0, False, 2)
+    assert m["by_origin"] == [{"origin": "b.py:1 b", "gib": 6.0, "count": 2}]
+    assert [a["gib"] for a in m["largest"]] == [4.0, 2.0]
+    oom = profile_step.peak_allocations([*trace[:2], {"action": "oom", "size": 9 * gib}])
+    assert (oom["peak_gib"], oom["oom"], oom["live_at_peak"]) == (3.0, True, 2)
+
+
+def test_topk_per_length() -> None:
+    assert [bench_glm5_layers.topk_for("8,131072:2", s) for s in (32768, 131072)] == [8, 2]
+    with pytest.raises(ValueError, match="default top-k"):
+        bench_glm5_layers.topk_for("131072:2", 32768)
+
+
+def test_smoke_runs_every_script_on_cpu(tmp_path: Path) -> None:
+    assert bench_glm5_layers.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "glm5_layers.json").read_text())
+    cells = out["cells"]
+    assert sorted(cells) == sorted(
+        f"{sch}/{st}@64" for sch in ("freq4", "full") for st in ("sparse", "warmup")
+    )
+    assert all(
+        c["tokens_per_s"] > 0 and c["flops"] > 0 and c["experts"] == 6 for c in cells.values()
+    )
+    shares = cells["freq4/sparse@64"]["profile"]["families"]
+    assert abs(sum(v["share"] for v in shares.values()) - 1) < 1e-6
+    assert shares[profile_step.MOE]["ms"] > 0 and shares["GEMMs"]["ms"] > 0
+    assert "| freq4/sparse@64 | 6 | 2 |" in bench_glm5_layers.render(out)
+
+    assert profile_step.main(["--smoke", "--stages", "sparse", "--out", str(tmp_path)]) == 0
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert prof["freq4/sparse@64"]["profile"]["kernel_ms"] > 0
+
+    assert bench_moe_experts.main(["--smoke", "--out", str(tmp_path)]) == 0
+    case = json.loads((tmp_path / "moe_experts.json").read_text())["cases"][0]
+    assert case["rows"] == 64 * 4  # top-8 over 4 experts: every token to all 4
+    assert case["rel_diff"] < 1e-2  # GroupedExperts computes what SequentialMLP does
