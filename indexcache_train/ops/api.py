@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from indexcache_train.ops import kernel_dims
+from indexcache_train.ops import flop_counter, kernel_dims
 from indexcache_train.ops.dense_attention_reference import dense_attention_reference
 from indexcache_train.ops.indexer_reference import indexer_topk_reference
 from indexcache_train.ops.masking import KeyRange
@@ -58,6 +58,8 @@ def indexer_topk(
 ) -> torch.Tensor:
     """Top-k key indices ``[B, S, min(topk, T)]`` int32 (``-1`` = empty slot)."""
     from indexcache_train.ops import kernels
+
+    flop_counter.add("indexer_topk", lambda: 2.0 * k_BTD.shape[1] * q_BSID.numel())
 
     why_not = kernel_dims.indexer_dims(q_BSID.shape[-1])
     if _use_kernel(backend, q_BSID, kernels.HAVE_INDEXER_TOPK, "indexer top-k", why_not):

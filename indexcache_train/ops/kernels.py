@@ -20,10 +20,11 @@ operator               implementation
 ``sparse_mla``         Triton forward + backward, absorbed layout, fp32 atomics for dKV
                        (:mod:`~indexcache_train.ops.triton_sparse_mla`)
 ``sparse_distill``     Triton head-summed top-k probabilities + fused KL / indexer-gradient
-                       kernel, gradients computed in the forward; TP through a ``p_reduce``
-                       hook between the two (:mod:`~indexcache_train.ops.triton_distill`)
+                       kernel, gradients computed in the forward; TP through the row split's
+                       reduction between the two (:mod:`~indexcache_train.ops.triton_distill`)
 ``dense_distill``      Triton flash-style dense KL (indexer LSE pass, head-mean target from the
-                       main LSE, g = q - p per query chunk, dq/dw and dk kernels); TP = 1 only
+                       main LSE, g = q - p per query chunk, dq/dw and dk kernels); one fused
+                       pass at TP = 1, head sums + reduction + KL kernel at TP > 1
                        (:mod:`~indexcache_train.ops.triton_distill`)
 =====================  ==================================================================
 """
@@ -33,11 +34,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     import torch
 
     from indexcache_train.ops.masking import KeyRange
+    from indexcache_train.ops.row_split import RowReduction
 
 try:  # Triton is optional on CPU-only installs; the API then uses the references.
     from indexcache_train.ops.triton_dense_attention import dense_attention_triton
@@ -126,14 +126,15 @@ def sparse_distill(
     idx_k_BTD: torch.Tensor,
     idx_w_BSI: torch.Tensor,
     idx_scale: float,
-    p_reduce: Callable[[torch.Tensor], object] | None = None,
+    split: RowReduction | None = None,
 ) -> torch.Tensor:
-    """Sparse distillation term (fp32 scalar; gradients into the indexer's q, k, w)."""
+    """Sparse distillation term of this rank's rows (fp32 scalar; gradients into the indexer's
+    q, k, w)."""
     if not HAVE_DISTILL:  # pragma: no cover
         raise RuntimeError("no distillation-loss kernel is built in (Triton missing)")
     return sparse_distill_triton(
         attn_q_BSHD, attn_kv_BTD, attn_lse_BSH, topk_BSK, attn_scale,
-        idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale, p_reduce,
+        idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale, split,
     )  # fmt: skip
 
 
@@ -147,11 +148,12 @@ def dense_distill(
     idx_k_BTD: torch.Tensor,
     idx_w_BSI: torch.Tensor,
     idx_scale: float,
+    split: RowReduction | None = None,
 ) -> torch.Tensor:
-    """Dense distillation term over every valid key (fp32 scalar; tensor-parallel size 1)."""
+    """Dense distillation term of this rank's rows over every valid key (fp32 scalar)."""
     if not HAVE_DISTILL:  # pragma: no cover
         raise RuntimeError("no distillation-loss kernel is built in (Triton missing)")
     return dense_distill_triton(
         attn_q_BSHD, attn_k_BTHD, attn_lse_BSH, key_range, attn_scale,
-        idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale,
+        idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale, split,
     )  # fmt: skip
