@@ -12,7 +12,7 @@ What changes and what does not:
   its former source's indexer (``from-source``, the default: the indexer whose top-k it used) or
   a fresh one (``random``, transformers' init; see :mod:`checkpoint_tools.indexer_init`).
 * Dense-MLA inputs (``deepseek_v3``, ``glm4_moe_lite``) have no indexers: every Full layer gets a
-  fresh one, the model_type becomes its DSA family's (:mod:`checkpoint_tools.families`), and
+  fresh one, the model_type becomes its DSA family's (:mod:`indexcache_train.model.families`), and
   ``index_topk`` / ``index_head_dim`` / ``index_n_heads`` come from flags or that family's defaults.
   This is the starting point of the warm-up stage.
 * Every other tensor is copied byte for byte (dtype, FP8 data and scales untouched); the routed
@@ -40,8 +40,8 @@ import os
 from pathlib import Path
 
 from checkpoint_tools.errors import OutputExistsError
-from checkpoint_tools.families import FAMILIES, family_of
 from checkpoint_tools.hf_io import HFCheckpoint, check_output_dir
+from checkpoint_tools.layout import family_of
 from checkpoint_tools.schedule_plan import (
     FROM_SOURCE,
     RANDOM,
@@ -52,6 +52,7 @@ from checkpoint_tools.schedule_plan import (
     execute_plan,
     plan_conversion,
 )
+from indexcache_train.model.families import FAMILIES
 
 __all__ = [
     "SCHEDULE_KEYS",
@@ -148,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
     index_dims = None
     if any(v is not None for v in dims_given):
         family = family_of(HFCheckpoint(args.hf).config)
-        defaults = FAMILIES[family.dsa_model_type].default_index_dims or (2048, 128, 32)
+        defaults = FAMILIES[family.dsa_model_type].index_defaults or (2048, 128, 32)
         index_dims = IndexerDims(*(v if v is not None else d for v, d in zip(dims_given, defaults)))
     plan = convert_schedule(
         args.hf,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +42,14 @@ from checkpoint_tools.errors import (
     OutputExistsError,
     ParallelLayoutError,
 )
-from checkpoint_tools.families import family_of
-from checkpoint_tools.hf_io import CONFIG_NAME, HFCheckpoint, check_output_dir, move_into_place
+from checkpoint_tools.hf_io import (
+    CONFIG_NAME,
+    HFCheckpoint,
+    check_output_dir,
+    make_tmp_dir,
+    move_into_place,
+)
+from checkpoint_tools.layout import family_of
 from checkpoint_tools.megatron_dir import (
     DTYPES,
     FORMAT,
@@ -162,7 +167,7 @@ def run_import(
     pipeline_layout = pipeline_layout_for(plan.model, layout, pipeline_layout)
     rt.init_parallel(layout)
     rank0 = torch.distributed.get_rank() == 0
-    tmp = Path(rt.broadcast_object(_make_tmp(out) if rank0 else None))
+    tmp = Path(rt.broadcast_object(str(make_tmp_dir(out)) if rank0 else None))
     try:
         fill, stats = _fill_and_save(plan, layout, pipeline_layout, tmp, progress and rank0)
         metadata = _metadata(plan, layout, pipeline_layout, fill, rt.gather_objects(stats))
@@ -224,11 +229,6 @@ def pipeline_layout_for(
         raise ParallelLayoutError(
             f"pipeline layout: {exc}", fix="pass another --pipeline-layout"
         ) from exc
-
-
-def _make_tmp(out: Path) -> str:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)
 
 
 def _metadata(

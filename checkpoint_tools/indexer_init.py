@@ -17,20 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from checkpoint_tools.layout import ModelDims, indexer_tensors
+from checkpoint_tools.layout import INDEXER_PART, indexer_tensors
 from checkpoint_tools.safetensors_format import TensorSpec, torch_dtype
+from indexcache_train.model.families import ModelFamily
+from indexcache_train.model.tensor_rules import ONES, ZEROS, CheckpointDims
 
 if TYPE_CHECKING:
     import torch
-
-NORMAL, ONES, ZEROS = "normal", "ones", "zeros"
-_KIND_BY_SUFFIX = {
-    "wq_b.weight": NORMAL,
-    "wk.weight": NORMAL,
-    "weights_proj.weight": NORMAL,
-    "k_norm.weight": ONES,
-    "k_norm.bias": ZEROS,
-}
 
 
 @dataclass(frozen=True)
@@ -43,7 +36,8 @@ class FreshTensor:
 
 
 def fresh_indexer(
-    dims: ModelDims,
+    dims: CheckpointDims,
+    family: ModelFamily,
     layer: int,
     *,
     std: float,
@@ -54,21 +48,20 @@ def fresh_indexer(
 
     Args:
         dims: model sizes (index_head_dim / index_n_heads / q_lora_rank must be set).
+        family: the model family (its tensor table names the indexer's tensors).
         layer: global layer index.
         std: ``initializer_range``.
         default_dtype: safetensors dtype for non-fp32 tensors without a template.
         template_dtypes: tensor suffix (e.g. ``"wk.weight"``) -> dtype of an existing indexer.
     """
     out = []
-    for expected in indexer_tensors(dims, layer):
-        suffix = expected.name.split("self_attn.indexer.", 1)[1]
+    for expected in indexer_tensors(dims, family, layer):
+        suffix = expected.name.split(INDEXER_PART, 1)[1]
         dtype = (template_dtypes or {}).get(suffix)
         if dtype is None or dtype.startswith("F8"):
-            dtype = "F32" if suffix == "weights_proj.weight" else default_dtype
+            dtype = "F32" if expected.keep_fp32 else default_dtype
         out.append(
-            FreshTensor(
-                TensorSpec(expected.name, dtype, expected.shape), _KIND_BY_SUFFIX[suffix], std
-            )
+            FreshTensor(TensorSpec(expected.name, dtype, expected.shape), expected.init, std)
         )
     return out
 

@@ -26,12 +26,16 @@ import torch
 import yaml
 
 from checkpoint_tools.errors import ConfigError
-from checkpoint_tools.schedule_plan import SCHEDULE_KEYS
 from indexcache_train.model.config import ModelConfig
 from indexcache_train.schedule import IndexCacheSchedule
+from indexcache_train.schedule.hf_keys import SCHEDULE_KEYS
 
 MODEL_CONFIG_NAME = "model_config.yaml"
 IMPORT_METADATA_NAME = "import_metadata.json"
+#: The trainer's resolved config, saved in every trainer checkpoint.
+RUN_CONFIG_NAME = "run_config.yaml"
+#: Files whose presence makes a directory an HF tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 MEGATRON_METADATA_NAME = "metadata.json"
 FORMAT = "indexcache-megatron/1"
 #: ``--dtype`` choices of import (parameter dtype) and export (tensor dtype).
@@ -156,3 +160,73 @@ def check_torch_dist(directory: str | Path) -> Path:
 
 def write_json(directory: Path, name: str, obj: object) -> None:
     (directory / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, str | None]:
+    """The checkpoint directory ``path`` names, following a run's ``latest`` pointer.
+
+    ``path`` may be a checkpoint directory (with ``model_config.yaml``), a run's ``checkpoints/``
+    directory or the run directory itself. Returns the directory and a note saying which
+    checkpoint ``latest`` selected (None when ``path`` was one already).
+
+    Raises:
+        ConfigError: a run directory without a complete checkpoint.
+    """
+    # The trainer owns the run layout and what "latest" means; imported here only (the one
+    # import of training code by the checkpoint tools).
+    from indexcache_train.training.checkpointing import STEP_PREFIX, latest
+
+    directory = Path(path)
+    if (directory / MODEL_CONFIG_NAME).is_file():
+        return directory, None
+    for root in (directory, directory / "checkpoints"):
+        if (root / "latest").is_file() or any(root.glob(f"{STEP_PREFIX}*")):
+            found = latest(root)
+            if found is None:
+                raise ConfigError(
+                    "no complete checkpoint here (no `latest` pointer to a directory with "
+                    "trainer_state.json, and no such step_* directory)",
+                    file=str(root),
+                    fix="point --ckpt at a complete step_* directory, or resume the run so it saves",
+                )
+            return found, f"following {root / 'latest'}: {found}"
+    return directory, None
+
+
+def side_file_source(directory: Path) -> tuple[Path | None, str]:
+    """An HF directory with the tokenizer of the model a checkpoint holds, and where it came from.
+
+    Looked up in the checkpoint's own provenance: the HF source ``import`` recorded in
+    ``import_metadata.json``, else the trainer's ``run_config.yaml`` (``model.hf_path``, then an
+    HF tokenizer directory in ``data.tokenizer``). Returns ``(None, reason)`` when none has
+    tokenizer files.
+    """
+    candidates: list[tuple[str, object]] = []
+    meta = directory / IMPORT_METADATA_NAME
+    if meta.is_file():
+        candidates.append((f"{IMPORT_METADATA_NAME} source", _read_json(meta).get("source")))
+    run = directory / RUN_CONFIG_NAME
+    if run.is_file():
+        doc = yaml.safe_load(run.read_text()) or {}
+        candidates.append(("run_config model.hf_path", (doc.get("model") or {}).get("hf_path")))
+        candidates.append(("run_config data.tokenizer", (doc.get("data") or {}).get("tokenizer")))
+    looked = []
+    for what, value in candidates:
+        if not value:
+            continue
+        where = Path(str(value))
+        where = where.parent if where.name == "config.json" else where
+        if where.is_dir() and any((where / f).is_file() for f in TOKENIZER_FILES):
+            return where, f"{what} {where}"
+        looked.append(f"{what} {where}")
+    if not looked:
+        return None, "the checkpoint records no HF source (model.hf_path / import source)"
+    return None, f"no HF tokenizer files ({', '.join(TOKENIZER_FILES)}) in " + "; ".join(looked)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"unreadable {path.name} ({exc})", file=str(path)) from exc
+    return doc if isinstance(doc, dict) else {}

@@ -9,7 +9,8 @@ then logits max / mean abs difference, cosine and argmax agreement.
 Top-k: HF scatters its selection into a mask, so rows with fewer than ``index_topk`` earlier keys
 pad with indices of masked (future) keys; ours pad with -1. Sets are compared over valid causal
 keys (``0 <= t <= row``). GLM's decoder layer returns the top-k it attended (own or reused);
-DeepSeek-V3.2's indexer returns it (every DeepSeek layer is Full in transformers 5.17).
+DeepSeek-V3.2's indexer returns it (every DeepSeek layer is Full in transformers 5.17); the
+family record's ``topk_output`` says which.
 
 Thresholds (``docs/checkpoints.md``): logits max abs <= ``atol`` (1e-5), every layer's hidden
 states within ``atol`` relative to ``max(1, max |h|)``, and identical top-k sets in every row.
@@ -23,7 +24,6 @@ from typing import Any
 
 import torch
 
-from checkpoint_tools.families import FAMILIES
 from checkpoint_tools.megatron_dir import read_model_config
 from checkpoint_tools.megatron_runtime import ParallelLayout, build_stage, init_parallel
 from indexcache_train.model.config import ModelConfig
@@ -162,9 +162,7 @@ def _load_ours(cfg: ModelConfig, megatron_dir: str | Path) -> torch.nn.Module:
 
 
 def _load_transformers(hf_dir: str | Path, cfg: ModelConfig) -> tuple[Any, list[str]]:
-    import transformers
-
-    cls = getattr(transformers, FAMILIES[cfg.family].architecture)
+    cls = cfg.family_record.hf_model_class()
     model, info = cls.from_pretrained(
         str(hf_dir), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
     )
@@ -188,7 +186,7 @@ def _capture_transformers(model: Any, cfg: ModelConfig) -> tuple[dict[int, Any],
                 topk[i] = out[1]
 
         layer.register_forward_hook(keep)
-        if cfg.family == "deepseek_v32":
+        if cfg.family_record.topk_output == "indexer":
             layer.self_attn.indexer.register_forward_hook(
                 lambda mod, args, out, i=i: topk.__setitem__(i, out)
             )

@@ -1,26 +1,30 @@
-"""The safetensors file format, read and written without the ``safetensors`` package.
+"""safetensors shards through the ``safetensors`` library, with errors that name file and fix.
 
-Layout (https://github.com/huggingface/safetensors, "Format"): 8 bytes little-endian header
-length ``N``, ``N`` bytes of JSON (``{name: {dtype, shape, data_offsets: [begin, end]}}`` plus an
-optional ``__metadata__`` string map; may be right-padded with spaces), then the data buffer.
-Offsets are relative to the buffer, must tile it exactly (no holes, no overlap) and the buffer
-must end at the end of the file.
+Reading goes through ``safetensors.safe_open``: it validates the header (JSON, dtypes, offsets that
+tile the data buffer exactly, buffer ending at the end of the file) when a shard is opened, so a
+truncated download fails before a conversion writes anything; :func:`open_shard` turns its errors
+into :class:`CorruptShardError` with a diagnosis. Every read opens the shard for that read only
+(``safe_open`` maps the file; closing it unmaps the pages the read touched), so memory stays at
+one tensor, or one chunk of one (:func:`iter_row_chunks`), whatever the shard size. Corruption
+inside the data buffer (flipped bits with the right length) is not detectable: the format has
+no checksums.
 
-We parse headers ourselves because (a) it is the only way to see a shard's tensor list, dtypes and
-shapes without mapping its data, and (b) checking the offsets against the file size is how a
-truncated download is caught *before* a conversion writes anything. Corruption inside the data
-buffer (flipped bits with the right length) is not detectable: the format has no checksums.
+The writer side (:func:`build_header`) stays ours: ``safetensors.torch.save_file`` needs every
+tensor of a file in memory at once, which a streaming conversion of a 1.5 TB checkpoint cannot
+give it (:mod:`checkpoint_tools.shard_writer`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from checkpoint_tools.errors import CorruptShardError
 
@@ -51,22 +55,17 @@ DTYPE_SIZES: dict[str, int] = {
     "F64": 8,
 }
 FLOAT_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E8M0", "F16", "BF16", "F32", "F64"})
-#: The reference implementation refuses headers above 100 MB; so do we (a garbage length field
-#: must not make us allocate gigabytes).
-MAX_HEADER_BYTES = 100_000_000
 _ALIGN = 8
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: shard file, dtype string, shape and absolute byte range."""
+    """Where one tensor lives: shard file, dtype string and shape."""
 
     name: str
     path: Path
     dtype: str
     shape: tuple[int, ...]
-    offset: int
-    nbytes: int
 
     @property
     def file(self) -> str:
@@ -76,6 +75,10 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -91,33 +94,55 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate one shard's header; returns ``(tensors, __metadata__)``.
+@contextmanager
+def open_shard(path: Path) -> Iterator[Any]:
+    """``safe_open`` (PyTorch tensors) as a context manager; errors become :class:`CorruptShardError`."""
+    from safetensors import SafetensorError, safe_open
 
-    Raises:
-        CorruptShardError: unreadable or inconsistent header, or a file size that does not match
-            the offsets (truncated or padded file).
-    """
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise _corrupt(path, f"file is {size} bytes, shorter than the 8-byte header length")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise _corrupt(path, f"header length {header_len} does not fit the {size}-byte file")
-        raw = f.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    tensors = {name: _parse_entry(path, name, entry, data_start) for name, entry in header.items()}
-    _check_tiling(path, tensors, data_start, size)
-    return tensors, metadata
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        raise _corrupt(path, _diagnose(path, str(exc)), _tensor_named(str(exc))) from None
+    except OSError as exc:
+        raise _corrupt(path, f"unreadable ({exc})") from None
+    with handle as f:
+        yield f
+
+
+def read_shard_infos(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of one shard, in storage order (headers only)."""
+    infos: dict[str, TensorInfo] = {}
+    with open_shard(path) as f:
+        for name in f.offset_keys():
+            part = f.get_slice(name)
+            dtype = part.get_dtype()
+            if dtype not in DTYPE_SIZES:
+                raise _corrupt(path, f"dtype {dtype} is not supported by these tools", name)
+            infos[name] = TensorInfo(name, path, dtype, tuple(part.get_shape()))
+    return infos
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One whole tensor (a fresh CPU copy)."""
+    with open_shard(info.path) as f:
+        return f.get_tensor(info.name)
+
+
+def read_slice(info: TensorInfo, dim: int, start: int, stop: int) -> torch.Tensor:
+    """``tensor[..., start:stop, ...]`` along ``dim``, reading only those bytes."""
+    with open_shard(info.path) as f:
+        return f.get_slice(info.name)[(slice(None),) * dim + (slice(start, stop),)]
+
+
+def iter_row_chunks(info: TensorInfo, max_bytes: int) -> Iterator[torch.Tensor]:
+    """The tensor as consecutive dim-0 slices of at most ``max_bytes`` (one row at least)."""
+    if not info.shape or info.shape[0] == 0 or info.nbytes <= max_bytes:
+        yield read_tensor(info)
+        return
+    rows = info.shape[0]
+    step = max(1, max_bytes // max(info.nbytes // rows, 1))
+    for start in range(0, rows, step):
+        yield read_slice(info, 0, start, min(start + step, rows))
 
 
 def build_header(specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
@@ -176,46 +201,38 @@ def dtype_string(dtype: torch.dtype) -> str:
     raise TypeError(f"torch dtype {dtype} has no safetensors equivalent")
 
 
-def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
-    if not isinstance(entry, dict):
-        raise _corrupt(path, "header entry is not an object", name)
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
-        raise _corrupt(path, f"unknown dtype {dtype!r}", name)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise _corrupt(path, f"invalid shape {shape!r}", name)
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
-        or offsets[1] < offsets[0]
-    ):
-        raise _corrupt(path, f"invalid data_offsets {offsets!r}", name)
-    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-    if offsets[1] - offsets[0] != nbytes:
-        raise _corrupt(
-            path,
-            f"data_offsets span {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {nbytes}",
-            name,
-        )
-    return TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0], nbytes)
+def _tensor_named(message: str) -> str | None:
+    match = re.search(r"tensor `([^`]+)`", message)
+    return match.group(1) if match else None
 
 
-def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
-    """Offsets must cover the data buffer exactly, the way the reference reader demands."""
-    end = data_start
-    for info in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
-        if info.offset != end:
-            what = (
-                "overlaps the previous tensor" if info.offset < end else "leaves a hole before it"
-            )
-            raise _corrupt(path, f"tensor data {what}", info.name)
-        end = info.offset + info.nbytes
-    if end != size:
-        detail = f"file is {size} bytes but its header describes {end}" + (
-            " (truncated: incomplete download or copy?)" if size < end else " (trailing bytes)"
+def _diagnose(path: Path, message: str) -> str:
+    """A plain-words reading of a safetensors header error."""
+    message = message.removeprefix("Error while deserializing header: ")
+    if "invalid offset" in message:
+        return (
+            f"{message}: its data_offsets leave a hole, overlap another tensor or do not match "
+            "its dtype x shape"
         )
-        raise _corrupt(path, detail)
+    if "not fully covered" in message:
+        try:
+            return _coverage(path)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            pass
+    return message
+
+
+def _coverage(path: Path) -> str:
+    """File size against the end of the data its header describes."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"]
+    end = 8 + header_len + max(ends, default=0)
+    return f"file is {size} bytes but its header describes {end}" + (
+        " (truncated: incomplete download or copy?)" if size < end else " (trailing bytes)"
+    )
 
 
 def _corrupt(path: Path, detail: str, tensor: str | None = None) -> CorruptShardError:

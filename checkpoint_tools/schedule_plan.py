@@ -21,7 +21,6 @@ from checkpoint_tools.errors import (
     UnexpectedTensorError,
     UnsupportedConversionError,
 )
-from checkpoint_tools.families import FAMILIES, ModelFamily, mlp_layer_types
 from checkpoint_tools.hf_io import (
     CONFIG_NAME,
     HFCheckpoint,
@@ -30,20 +29,22 @@ from checkpoint_tools.hf_io import (
 )
 from checkpoint_tools.indexer_init import FreshTensor, fresh_indexer, materialise
 from checkpoint_tools.layout import (
-    ModelDims,
     config_dtype,
     detect_expert_formats,
+    dims_of,
     expected_tensors,
     indexer_prefix,
     is_indexer_tensor,
     layer_of,
+    mlp_layer_types,
 )
 from checkpoint_tools.safetensors_format import TensorSpec
 from checkpoint_tools.validation import schedule_from_config, validate_hf_checkpoint
+from indexcache_train.model.families import FAMILIES, ModelFamily
 from indexcache_train.schedule import IndexCacheSchedule, ScheduleError
+from indexcache_train.schedule.hf_keys import SCHEDULE_KEYS
 
 FROM_SOURCE, RANDOM = "from-source", "random"
-SCHEDULE_KEYS = ("index_topk_freq", "index_skip_topk_offset", "index_topk_pattern", "indexer_types")
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ def _output_config(
         topk, head_dim, n_heads = (
             (index_dims.index_topk, index_dims.index_head_dim, index_dims.index_n_heads)
             if index_dims is not None
-            else family_out.default_index_dims or (2048, 128, 32)
+            else family_out.index_defaults or (2048, 128, 32)
         )
         mlp_types = mlp_layer_types(config, family_in, cfg_file)
         out.pop("auto_map", None)  # points at the old family's remote code
@@ -343,7 +344,7 @@ def _plan_tensors(plan: ConversionPlan, init: str) -> None:
             by_layer.setdefault(layer, []).append(name)
         else:
             plan.entries.append(PlanEntry(_spec(ckpt, name)))
-    dims = ModelDims.from_config(plan.config_out, plan.family_out)
+    dims = dims_of(plan.config_out, plan.family_out)
     template = _template_dtypes(ckpt, by_layer, schedule_in)
     default_dtype = config_dtype(plan.config_out) or "BF16"
     std = float(plan.config_out.get("initializer_range", 0.02))
@@ -354,7 +355,12 @@ def _plan_tensors(plan: ConversionPlan, init: str) -> None:
             source = schedule_in.source(layer)
         else:
             for fresh in fresh_indexer(
-                dims, layer, std=std, default_dtype=default_dtype, template_dtypes=template
+                dims,
+                plan.family_out,
+                layer,
+                std=std,
+                default_dtype=default_dtype,
+                template_dtypes=template,
             ):
                 plan.entries.append(PlanEntry(fresh.spec, fresh=fresh))
             plan.initialised.append(layer)

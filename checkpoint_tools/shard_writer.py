@@ -1,5 +1,10 @@
 """Write an HF safetensors checkpoint tensor by tensor, atomically at directory level.
 
+Why not ``safetensors.torch.save_file`` / ``save_pretrained``: they take every tensor of a file in
+memory at once and write one directory without a commit step, while a conversion of a 1.5 TB
+checkpoint must hold one tensor (or one copy chunk) at a time and must never leave a half-written
+output. The header format is the library's (``build_header``); the files are read back with it.
+
 :class:`ShardedCheckpointWriter` lays all shards out from a list of :class:`TensorSpec` first
 (``save_pretrained``'s greedy ``max_shard_size`` rule: a shard closes when the next tensor would
 overflow it; a larger tensor gets its own), writes every header, then accepts tensors one at a
@@ -20,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +47,7 @@ from checkpoint_tools.safetensors_format import (
     TensorSpec,
     build_header,
     dtype_string,
+    iter_row_chunks,
 )
 
 if TYPE_CHECKING:
@@ -136,10 +143,7 @@ class ShardedCheckpointWriter:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> ShardedCheckpointWriter:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(
-            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent)
-        )
+        self.tmp_dir = make_tmp_dir(self.out_dir)
         self._progress = make_progress(
             self._total_bytes, f"writing {self.out_dir.name}", self._show_progress
         )
@@ -172,31 +176,26 @@ class ShardedCheckpointWriter:
         shard, offset, spec = self._claim(name)
         _check_spec(spec, dtype_string(tensor.dtype), tuple(tensor.shape))
         if spec.nbytes:
-            import torch
-
-            flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            _pwrite_all(self._fd(shard), memoryview(flat.numpy()), offset)
+            _pwrite_all(self._fd(shard), _raw_bytes(tensor), offset)
         self._progress.update(spec.nbytes)
 
     def copy_tensor(self, name: str, source: TensorInfo) -> None:
-        """Copy a tensor's bytes from a source shard without decoding them (bit-identical)."""
+        """Copy a tensor from a source shard in chunks of rows (never all of a large tensor in
+        memory; the values are moved, not converted, so the copy is bit-identical)."""
         shard, offset, spec = self._claim(name)
         _check_spec(spec, source.dtype, source.shape)
-        buf = bytearray(min(COPY_CHUNK_BYTES, max(spec.nbytes, 1)))
-        view = memoryview(buf)
-        fd = self._fd(shard)
-        with source.path.open("rb", buffering=0) as src:
-            src.seek(source.offset)
-            done = 0
-            while done < spec.nbytes:
-                n = src.readinto(view[: min(len(buf), spec.nbytes - done)])
-                if not n:
-                    raise CorruptShardError(
-                        "shard ended while copying", file=str(source.path), tensor=source.name
-                    )
-                _pwrite_all(fd, view[:n], offset + done)
-                done += n
-                self._progress.update(n)
+        done = 0
+        for chunk in iter_row_chunks(source, COPY_CHUNK_BYTES):
+            data = _raw_bytes(chunk)
+            _pwrite_all(self._fd(shard), data, offset + done)
+            done += len(data)
+            self._progress.update(len(data))
+        if done != spec.nbytes:
+            raise CorruptShardError(
+                f"read {done} bytes, the tensor has {spec.nbytes}",
+                file=str(source.path),
+                tensor=source.name,
+            )
 
     def write_json(self, filename: str, obj: object) -> None:
         """Write a JSON side file (config.json, generation_config.json, ...)."""
@@ -301,6 +300,22 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+def make_tmp_dir(out_dir: Path) -> Path:
+    """A fresh temporary sibling of ``out_dir`` (renamed into place when complete).
+
+    Made with a plain ``mkdir``, so its mode is 0777 less the umask: the output is a checkpoint
+    other users serve, and ``tempfile.mkdtemp``'s 0700 would survive the rename.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse an existing output unless ``overwrite``; call before any work starts."""
     if out_dir.exists() and not overwrite:
@@ -336,6 +351,13 @@ def _check_spec(spec: TensorSpec, dtype: str, shape: tuple[int, ...]) -> None:
         raise ShapeMismatchError(
             f"got shape {list(shape)}, the plan says {list(spec.shape)}", tensor=spec.name
         )
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes in storage order (any dtype, FP8 included)."""
+    import torch
+
+    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -28,17 +28,18 @@ from checkpoint_tools.errors import (
     UnexpectedTensorError,
     raise_issues,
 )
-from checkpoint_tools.families import ModelFamily, family_of
 from checkpoint_tools.hf_io import CONFIG_NAME, HFCheckpoint
 from checkpoint_tools.layout import (
     ExpectedTensor,
     config_dtype,
     detect_expert_formats,
     expected_tensors,
+    family_of,
     is_indexer_tensor,
     layer_of,
 )
 from checkpoint_tools.safetensors_format import FLOAT_DTYPES, TensorInfo
+from indexcache_train.model.families import ModelFamily
 from indexcache_train.schedule import IndexCacheSchedule, ScheduleError
 
 

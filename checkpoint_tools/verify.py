@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from checkpoint_tools.export_megatron import export_checkpoint
-from checkpoint_tools.families import FAMILIES
 from checkpoint_tools.fp8 import is_fp8, read_dequantized
 from checkpoint_tools.hf_io import HFCheckpoint
 from checkpoint_tools.import_megatron import plan_import, run_import
@@ -145,7 +144,7 @@ def _l2_skip_reason(model: ModelConfig, skip: bool) -> str | None:
     if skip:
         return "--skip-l2"
     shared = any(t == "shared" for t in model.schedule.indexer_types)
-    if shared and not FAMILIES[model.family].supports_shared_layers:
+    if shared and not model.family_record.supports_shared_layers:
         return f"transformers 5.17 cannot build Shared layers for {model.family}"
     return None
 

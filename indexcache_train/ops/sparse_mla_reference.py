@@ -8,7 +8,9 @@ distillation loss needs. Rows without a valid key output 0 with ``lse = -inf``.
 
 Backward is flash-style: nothing but inputs, output and LSE is saved, and each query chunk is
 recomputed, so memory stays O(S*K + chunk*K*D). Key gradients are accumulated with ``index_add_``
-(deterministic on CPU; the GPU kernel documents its own accumulation).
+(deterministic on CPU); on CUDA, where this runs only as the fallback, ``deterministic=True``
+accumulates them with ``index_put_(accumulate=True)`` under torch's deterministic algorithms
+(sort-based) instead of atomics.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _chunk_probs(q_BCHD, kv_g_BCKD, valid_BCK, scale):
 
 class _SparseMLA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_BSHD, kv_BTD, idx_BSK, scale, v_dim, chunk):  # type: ignore[override]
+    def forward(ctx, q_BSHD, kv_BTD, idx_BSK, scale, v_dim, chunk, deterministic):  # type: ignore[override]
         B, S, H, _ = q_BSHD.shape
         out32 = torch.zeros(B, S, H, v_dim, dtype=acc(q_BSHD[:0]).dtype, device=q_BSHD.device)
         lse_BSH = torch.full(
@@ -52,6 +54,7 @@ class _SparseMLA(torch.autograd.Function):
         out = out32.to(q_BSHD.dtype)
         ctx.save_for_backward(q_BSHD, kv_BTD, idx_BSK, out, lse_BSH)
         ctx.scale, ctx.v_dim, ctx.chunk = scale, v_dim, chunk
+        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse_BSH)
         return out, lse_BSH
 
@@ -85,7 +88,7 @@ class _SparseMLA(torch.autograd.Function):
             dkv_g[..., :v_dim] += torch.einsum("bchk,bchv->bckv", p, do_c)
             flat = (idx_BCK.long().clamp_min(0) + base_B).reshape(-1)
             dkv_g = dkv_g.masked_fill(~valid_BCK[..., None], 0.0).reshape(-1, D)
-            dkv_flat.index_add_(0, flat, dkv_g)
+            _accumulate_rows(dkv_flat, flat, dkv_g, ctx.deterministic)
         return (
             dq.to(q_BSHD.dtype),
             dkv_flat.view(B, T, D).to(kv_BTD.dtype),
@@ -93,16 +96,33 @@ class _SparseMLA(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _accumulate_rows(
+    dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, deterministic: bool
+) -> None:
+    """``dst[rows] += src`` (repeated rows add up); CUDA atomics unless ``deterministic``."""
+    if not (deterministic and dst.is_cuda):
+        dst.index_add_(0, rows, src)
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        dst.index_put_((rows,), src, accumulate=True)
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def sparse_mla_reference(
     q_BSHD: torch.Tensor,
     kv_BTD: torch.Tensor,
-    idx_BSK: torch.Tensor,
+    topk_BSK: torch.Tensor,
     softmax_scale: float,
     v_dim: int,
     chunk: int = 64,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse absorbed-MLA attention; returns ``(out_BSHV, lse_BSH)``."""
-    return _SparseMLA.apply(q_BSHD, kv_BTD, idx_BSK, softmax_scale, v_dim, chunk)
+    return _SparseMLA.apply(q_BSHD, kv_BTD, topk_BSK, softmax_scale, v_dim, chunk, deterministic)

@@ -3,7 +3,8 @@
 ``p_s``: one served layer's main attention for query ``s``, summed over heads and L1-normalised
 (detached). ``z_s``: the Full layer's indexer logits ``z[s, t] = sum_i w[s,i] relu(scale q[s,i].k[t])``
 on the same key set. Gradients flow into the indexer's ``q [B,S,I,D]``, ``k [B,T,D]``, ``w [B,S,I]``.
-Same contract as :mod:`indexcache_train.loss.kl` (the reference): rows without a valid key add 0.
+Same contract as :mod:`indexcache_train.ops.kl_reference` (the reference): rows without a valid
+key add 0.
 
 Gradients are computed in the forward ("eager gradients")
     The loss is a scalar leaf of the autograd graph and its gradient is linear in the incoming

@@ -52,31 +52,14 @@ def split_for_rank(t: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.T
     return t.index_select(dim, pos)
 
 
-class _GatherSeq(torch.autograd.Function):
-    """All-gather along dim 0 over ``group``; backward: reduce-scatter (sum) of the gradient."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
-        world = dist.get_world_size(group)
-        out = torch.empty((world * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-        dist.all_gather_into_tensor(out, t.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        world = dist.get_world_size(ctx.group)
-        out = torch.empty(
-            (grad.shape[0] // world, *grad.shape[1:]), dtype=grad.dtype, device=grad.device
-        )
-        dist.reduce_scatter_tensor(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
-        return out, None
-
-
 def gather_sequence(t_SX: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Whole-sequence tensor in natural order from this rank's zigzag rows (dim 0 = sequence)."""
     if group is None or dist.get_world_size(group) == 1:
         return t_SX
+    # Megatron's sequence-parallel gather is group-agnostic: all-gather along dim 0 forward,
+    # reduce-scatter (sum) of the gradient backward, which is what CP keys need.
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
     cp = dist.get_world_size(group)
-    gathered = _GatherSeq.apply(t_SX, group)
+    gathered = gather_from_sequence_parallel_region(t_SX, group=group)
     return gathered.index_select(0, gathered_to_natural(t_SX.shape[0], cp, t_SX.device))

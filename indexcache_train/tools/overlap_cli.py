@@ -34,6 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from indexcache_train.tools.model_io import write_atomic
+from indexcache_train.tools.plot import (
+    PlotsUnavailableError,
+    heatmap_figure,
+    require_matplotlib,
+    to_png,
+)
 
 _OUTPUTS = ("overlap.csv", "mass.csv", "overlap.png", "mass.png")
 
@@ -74,6 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compute, write and print; 2 (with the reason on stderr) for a refused input."""
     try:
+        require_matplotlib()  # before any compute
         out = Path(args.out)
         existing = [n for n in _OUTPUTS if (out / n).exists()]
         if existing and not args.overwrite:
@@ -81,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         if args.batches < 1 or args.batch_size < 1 or args.seq < 2:
             raise OverlapError("--batches and --batch-size must be >= 1 and --seq >= 2")
         stats, label = compute(args)
-    except OverlapError as err:
+    except (OverlapError, PlotsUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     overlap, mass = stats.overlap(), stats.mass()
@@ -95,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- model
 def all_full_trunk_config(hf_config: dict[str, Any]) -> dict[str, Any]:
     """The config with every trunk layer Full and no MTP layer (explicit ``indexer_types``)."""
-    from checkpoint_tools.schedule_plan import SCHEDULE_KEYS
     from indexcache_train.schedule import IndexCacheSchedule
+    from indexcache_train.schedule.hf_keys import SCHEDULE_KEYS
 
     n = int(hf_config["num_hidden_layers"])
     out = {k: v for k, v in hf_config.items() if k not in SCHEDULE_KEYS}
@@ -311,12 +318,27 @@ def batch_stats(model: Any, cfg: Any, tokens_BS: Any, stats: Any, chunk: int = 1
 def write_outputs(out: Path, overlap: list[list[float]], mass: list[list[float]]) -> None:
     """``overlap.csv``, ``mass.csv`` and their heatmaps (rows i, columns j; scale 0..1)."""
     from indexcache_train.tools.overlap import matrix_csv
-    from indexcache_train.tools.png import heatmap_png
 
     write_atomic(out / "overlap.csv", matrix_csv(overlap, "layer_i/layer_j").encode())
     write_atomic(out / "mass.csv", matrix_csv(mass, "attention_i/topk_j").encode())
-    write_atomic(out / "overlap.png", heatmap_png(overlap))
-    write_atomic(out / "mass.png", heatmap_png(mass))
+    figures = {
+        "overlap.png": heatmap_figure(
+            overlap,
+            title="top-k overlap |T_i ∩ T_j| / k",
+            xlabel="layer j",
+            ylabel="layer i",
+            colorbar_label="overlap",
+        ),
+        "mass.png": heatmap_figure(
+            mass,
+            title="attention mass of layer i inside layer j's top-k",
+            xlabel="layer j (top-k)",
+            ylabel="layer i (attention)",
+            colorbar_label="attention mass",
+        ),
+    }
+    for name, fig in figures.items():
+        write_atomic(out / name, to_png(fig))
 
 
 def format_table(overlap: list[list[float]], mass: list[list[float]]) -> str:

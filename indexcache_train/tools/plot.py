@@ -1,96 +1,114 @@
-"""Dependency-free line plots (a loss curve as a PNG), drawn pixel by pixel; no matplotlib.
+"""Figures of the analysis verbs (layer heatmaps, loss curves) through matplotlib, an optional extra.
 
-:func:`line_plot_png` draws one series (x = its index) inside a framed plot area with light
-horizontal grid lines at the quarter marks of the y range, a 2-pixel polyline and a square marker
-per point; :mod:`indexcache_train.tools.png` encodes it. There is no text: the y range is the
-data's (padded by 5%), and the JSON written next to each image carries the numbers.
+``pip install 'indexcache-train[plots]'`` installs matplotlib. The verbs call
+:func:`require_matplotlib` before any compute, so a missing install stops them at once with that
+command as the fix; the CSV / JSON written next to each figure carries the numbers. Figures are
+drawn on matplotlib's object API (``Figure`` + Agg canvas), never ``pyplot``: no global state and
+no display needed.
 """
 
 from __future__ import annotations
 
-import itertools
+import io
 import math
 from collections.abc import Sequence
+from typing import Any
 
-from indexcache_train.tools.png import encode_png
-
-Rgb = tuple[int, int, int]
-BACKGROUND: Rgb = (255, 255, 255)
-FRAME: Rgb = (0, 0, 0)
-GRID: Rgb = (220, 220, 220)
-LINE: Rgb = (31, 119, 180)
-MARKER: Rgb = (214, 39, 40)
+PLOTS_INSTALL = "pip install 'indexcache-train[plots]'"
+#: Keep at most this many tick labels on a layer axis (GLM-5 has 78 layers).
+_MAX_TICKS = 16
 
 
-class _Canvas:
-    def __init__(self, width: int, height: int) -> None:
-        self.width, self.height = width, height
-        self.pixels = bytearray(bytes(BACKGROUND) * (width * height))
-
-    def set(self, x: int, y: int, rgb: Rgb) -> None:
-        if 0 <= x < self.width and 0 <= y < self.height:
-            i = 3 * (y * self.width + x)
-            self.pixels[i : i + 3] = bytes(rgb)
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, rgb: Rgb) -> None:
-        for y in range(y0, y1 + 1):
-            for x in range(x0, x1 + 1):
-                self.set(x, y, rgb)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, rgb: Rgb, thick: int = 1) -> None:
-        """Bresenham-like segment sampled at one point per pixel of its longer extent."""
-        n = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for k in range(n + 1):
-            x = round(x0 + (x1 - x0) * k / n)
-            y = round(y0 + (y1 - y0) * k / n)
-            self.rect(x, y, x + thick - 1, y + thick - 1, rgb)
-
-    def rows(self) -> list[bytes]:
-        w = 3 * self.width
-        return [bytes(self.pixels[y * w : (y + 1) * w]) for y in range(self.height)]
+class PlotsUnavailableError(RuntimeError):
+    """matplotlib is not installed; the message names the command that installs it."""
 
 
-def render_line_plot(values: Sequence[float], width: int = 640, height: int = 400) -> list[bytes]:
-    """RGB scanlines (``height`` rows of ``3 * width`` bytes) of ``values`` against their index.
+def require_matplotlib() -> None:
+    """Raise :class:`PlotsUnavailableError` (naming the fix) unless matplotlib imports."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlotsUnavailableError(
+            f"matplotlib is not installed, so the figures cannot be drawn. Fix: {PLOTS_INSTALL} "
+            "(or pip install matplotlib)"
+        ) from None
 
-    Non-finite values are skipped (no marker, the line jumps over them).
+
+def heatmap_figure(
+    matrix: Sequence[Sequence[float]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    colorbar_label: str,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+) -> Any:
+    """A layer x layer matrix: row ``i`` / column ``j`` ticked with layer numbers.
+
+    NaN cells (undefined pairs) are grey.
     """
-    if width < 64 or height < 64:
-        raise ValueError(f"plot size {width}x{height} is too small (>= 64x64)")
-    c = _Canvas(width, height)
-    left, right, top, bottom = 16, width - 17, 16, height - 17
-    finite = [v for v in values if math.isfinite(v)]
-    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    pad = (hi - lo) * 0.05 or max(abs(hi) * 0.05, 1e-6)
-    lo, hi = lo - pad, hi + pad
-    for q in range(1, 4):
-        y = round(top + (bottom - top) * q / 4)
-        c.line(left, y, right, y, GRID)
-    for x0, y0, x1, y1 in (
-        (left, top, right, top),
-        (left, bottom, right, bottom),
-        (left, top, left, bottom),
-        (right, top, right, bottom),
-    ):
-        c.line(x0, y0, x1, y1, FRAME)
-    span = max(len(values) - 1, 1)
-    points = [
-        (
-            round(left + 6 + (right - left - 12) * i / span),
-            round(bottom - 6 - (bottom - top - 12) * (v - lo) / (hi - lo)),
-        )
-        if math.isfinite(v)
-        else None
-        for i, v in enumerate(values)
-    ]
-    drawn = [p for p in points if p is not None]
-    for a, b in itertools.pairwise(drawn):
-        c.line(a[0], a[1], b[0], b[1], LINE, thick=2)
-    for x, y in drawn:
-        c.rect(x - 2, y - 2, x + 2, y + 2, MARKER)
-    return c.rows()
+    import numpy as np
+
+    require_matplotlib()
+    from matplotlib import colormaps
+
+    values = np.ma.masked_invalid(np.asarray(matrix, dtype=float))
+    fig, ax = _figure(width=6.4, height=5.6)
+    cmap = colormaps["viridis"].with_extremes(bad="#a0a0a0")
+    image = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    rows, cols = values.shape
+    ax.set_xticks(_layer_ticks(cols))
+    ax.set_yticks(_layer_ticks(rows))
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    return fig
 
 
-def line_plot_png(values: Sequence[float], width: int = 640, height: int = 400) -> bytes:
-    """PNG bytes of :func:`render_line_plot`."""
-    return encode_png(width, height, render_line_plot(values, width, height))
+def loss_curve_figure(
+    losses: Sequence[float],
+    *,
+    title: str,
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    steps: Sequence[int] | None = None,
+) -> Any:
+    """A loss curve against its steps (``0, 1, ...`` unless ``steps`` is given).
+
+    Non-finite losses are left out of the line (and said so in the legend).
+    """
+    require_matplotlib()
+    xs = list(range(len(losses))) if steps is None else list(steps)
+    if len(xs) != len(losses):
+        raise ValueError(f"{len(xs)} steps for {len(losses)} losses")
+    finite = [(x, y) for x, y in zip(xs, losses) if math.isfinite(y)]
+    fig, ax = _figure(width=6.4, height=4.0)
+    label = f"{len(finite)} finite of {len(losses)}" if len(finite) < len(losses) else None
+    ax.plot([x for x, _ in finite], [y for _, y in finite], marker="o", label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    if label:
+        ax.legend()
+    return fig
+
+
+def _layer_ticks(n: int) -> list[int]:
+    step = max(1, math.ceil(n / _MAX_TICKS))
+    return list(range(0, n, step))
+
+
+def _figure(width: float, height: float) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def to_png(fig: Any) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

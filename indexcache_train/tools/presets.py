@@ -1,8 +1,9 @@
-"""Built-in model presets: the HF ``config.json`` keys the tools need, for models not on disk.
+"""``--model``: a preset name or a ``config.json`` path, resolved to an HF config dict.
 
-Each preset is a subset of the model's HF config (same key names), so a preset and a real
-``config.json`` go through the same code (:func:`load_model_config`, then
-``IndexCacheSchedule.from_hf_config``). Schedule keys are always explicit, never defaults.
+A preset gives the keys its family record knows (``ModelFamily.preset_keys``: layer counts,
+dense layers, schedule keys; HF key names), without importing transformers or torch, so the
+schedule tools stay light; a preset and a real ``config.json`` go through the same code
+(:func:`load_model_config`, then ``IndexCacheSchedule.from_hf_config``).
 """
 
 from __future__ import annotations
@@ -11,35 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # GLM-5: plain DSA, every layer (and the MTP layer) has its own indexer.
-    "glm5": {
-        "model_type": "glm_moe_dsa",
-        "num_hidden_layers": 78,
-        "first_k_dense_replace": 3,
-        "num_nextn_predict_layers": 1,
-        "index_topk_freq": 1,
-        "index_skip_topk_offset": 1,
-    },
-    # GLM-5.2: IndexCache freq 4 / offset 3 -> Full {0, 1, 2, 6, 10, ..., 74}, MTP layer 78 Full.
-    "glm5.2": {
-        "model_type": "glm_moe_dsa",
-        "num_hidden_layers": 78,
-        "first_k_dense_replace": 3,
-        "num_nextn_predict_layers": 1,
-        "index_topk_freq": 4,
-        "index_skip_topk_offset": 3,
-    },
-    # DeepSeek-V3.2: plain DSA, 61 layers, first 3 dense.
-    "deepseek-v3.2": {
-        "model_type": "deepseek_v32",
-        "num_hidden_layers": 61,
-        "first_k_dense_replace": 3,
-        "num_nextn_predict_layers": 1,
-        "index_topk_freq": 1,
-        "index_skip_topk_offset": 1,
-    },
-}
+from indexcache_train.model.families import preset_owner
+from indexcache_train.model.presets import PRESETS
 
 
 class ModelNotFoundError(ValueError):
@@ -58,8 +32,9 @@ def load_model_config(model: str) -> tuple[str, dict[str, Any]]:
     Raises:
         ModelNotFoundError: Unknown preset and no such config file.
     """
-    if model in PRESETS:
-        return model, dict(PRESETS[model])
+    family = preset_owner(model)
+    if family is not None:
+        return model, family.preset_keys(model)
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"

@@ -46,6 +46,12 @@ from indexcache_train.tools.pattern_search import (
     check_request,
     greedy_search,
 )
+from indexcache_train.tools.plot import (
+    PlotsUnavailableError,
+    loss_curve_figure,
+    require_matplotlib,
+    to_png,
+)
 
 LOG_NAME, RESULT_NAME, PLOT_NAME = "search_log.jsonl", "result.json", "loss.png"
 
@@ -81,6 +87,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run or resume the search; 2 (reason and fix on stderr) when refused."""
     try:
+        require_matplotlib()  # before any compute
         hf_config, label = _load_config(args)
         n = int(hf_config["num_hidden_layers"])
         if args.hf is not None:
@@ -111,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             meta=meta,
             on_commit=lambda c: _print_commit(c, start),
         )
-    except (SearchError, SearchLogError, SearchRefusedError) as err:
+    except (SearchError, SearchLogError, SearchRefusedError, PlotsUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_outputs(args.out, result, args, n)
@@ -137,7 +144,6 @@ def _print_commit(c: Commit, start: float) -> None:
 def write_outputs(out: Path, result: SearchResult, args: argparse.Namespace, n: int) -> None:
     """``result.json`` and ``loss.png`` (the log is written as the search goes)."""
     from indexcache_train.schedule import IndexCacheSchedule
-    from indexcache_train.tools.plot import line_plot_png
 
     keys = IndexCacheSchedule.from_pattern(result.pattern, n).to_hf_config()
     doc: dict[str, Any] = {
@@ -163,13 +169,16 @@ def write_outputs(out: Path, result: SearchResult, args: argparse.Namespace, n: 
             f"--pattern {result.pattern}"
         )
     (out / RESULT_NAME).write_text(json.dumps(doc, indent=2) + "\n")
-    (out / PLOT_NAME).write_bytes(line_plot_png(result.losses))
+    figure = loss_curve_figure(
+        result.losses,
+        title=f"greedy pattern search: {result.pattern.count('F')}/{n} layers Full",
+        xlabel="search step (0 = all Full, then one per commit)",
+        ylabel="calibration LM loss",
+    )
+    (out / PLOT_NAME).write_bytes(to_png(figure))
 
 
 # ---------------------------------------------------------------------- config and data
-_TOY_PRESETS = ("glm5_toy", "dsv32_toy")
-
-
 def _load_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if args.hf is not None:
         from checkpoint_tools.errors import CheckpointError
@@ -181,28 +190,31 @@ def _load_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             return load_config(args.hf), str(args.hf.resolve())
         except CheckpointError as err:
             raise SearchRefusedError(str(err)) from None
-    from indexcache_train.model.presets import PRESETS, preset_hf_config
+    from indexcache_train.model.presets import PRESETS, is_toy_preset, preset_hf_config
 
     if args.model not in PRESETS:
         raise SearchRefusedError(
             f"--model {args.model!r} is not a preset; choose one of {sorted(PRESETS)}."
         )
-    if args.num_layers is not None and args.model not in _TOY_PRESETS:
-        raise SearchRefusedError(f"--num-layers only applies to the toy presets {_TOY_PRESETS}.")
-    config = _toy_config(args.model, args.num_layers) if args.model in _TOY_PRESETS else None
+    toys = sorted(p for p in PRESETS if is_toy_preset(p))
+    if args.num_layers is not None and args.model not in toys:
+        raise SearchRefusedError(f"--num-layers only applies to the toy presets {toys}.")
+    config = _toy_config(args.model, args.num_layers) if is_toy_preset(args.model) else None
     label = f"{args.model}" + (f"[{args.num_layers} layers]" if args.num_layers else "")
     return config or preset_hf_config(args.model), label
 
 
 def _toy_config(name: str, num_layers: int | None, vocab: int | None = None) -> dict[str, Any]:
-    from indexcache_train.model.toy_configs import dsv32_toy_hf_config, glm5_toy_hf_config
+    from indexcache_train.model.families import preset_owner
 
-    kw: dict[str, Any] = {"num_mtp_layers": 0}
+    family = preset_owner(name)
+    assert family is not None  # callers checked is_toy_preset(name)
+    kw: dict[str, Any] = dict(family.presets[name].overrides)
     if num_layers is not None:
         kw["num_hidden_layers"] = num_layers
     if vocab is not None:
         kw["vocab_size"] = vocab
-    return (glm5_toy_hf_config if name == "glm5_toy" else dsv32_toy_hf_config)(**kw)
+    return family.toy_hf_config(0, **kw)
 
 
 def load_calibration_batches(data: str, batches: int, batch_size: int, seq: int) -> list:
@@ -260,7 +272,9 @@ class _ModelEvaluator:
         use_cuda = args.device == "cuda" or (args.device == "auto" and compat.has_cuda())
         self.device = torch.device("cuda" if use_cuda else "cpu")
         model_io.init_single_process(args.seed)
-        if args.hf is None and args.model in _TOY_PRESETS:
+        from indexcache_train.model.presets import is_toy_preset
+
+        if args.hf is None and is_toy_preset(args.model):
             vocab = max(int(hf_config["vocab_size"]), -(-vocab_needed // 64) * 64)
             hf_config = _toy_config(args.model, args.num_layers, vocab)
         self.hf_config = hf_config

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from indexcache_train.schedule import SHARED, IndexCacheSchedule, ScheduleError
+from indexcache_train.schedule.hf_keys import SCHEDULE_KEYS
 
 ENGINES = ("sglang", "vllm", "transformers")
 
@@ -42,21 +43,6 @@ ENGINE_TARGET = {
     "transformers": "config.json patch",
 }
 
-#: Schedule keys written for every engine (``IndexCacheSchedule.to_hf_config()``'s keys).
-SCHEDULE_KEYS = ("indexer_types", "index_topk_freq", "index_skip_topk_offset", "index_topk_pattern")
-
-#: Which schedule keys each engine is known to read, in its precedence order (first wins).
-#: Sources: transformers 5.17 ``GlmMoeDsaConfig.__post_init__`` (checked by
-#: tests/unit/test_serve_config.py); vLLM and SGLang from public engine code, not checked here
-#: (docs/serving.md). Every dict carries all four keys: a key an engine ignores costs nothing.
-ENGINE_READS: dict[str, tuple[str, ...]] = {
-    "transformers": SCHEDULE_KEYS,
-    "vllm": ("index_topk_pattern", "index_topk_freq", "index_skip_topk_offset"),
-    "sglang": ("index_topk_pattern", "index_topk_freq", "index_skip_topk_offset"),
-}
-#: Offset each engine assumes when ``index_skip_topk_offset`` is absent (the THUDM/IndexCache
-#: SGLang patch has no such key and hard-wires the same rule).
-ENGINE_DEFAULT_OFFSET = {"transformers": 2, "vllm": 2, "sglang": 2}
 #: Engines whose override always carries the explicit F/S ``index_topk_pattern``.
 EXPLICIT_PATTERN_ENGINES = ("sglang", "vllm")
 

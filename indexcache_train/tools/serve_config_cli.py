@@ -22,10 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from checkpoint_tools.families import FAMILIES
 from checkpoint_tools.schedule_plan import ScheduleRequest
+from indexcache_train.model.families import FAMILIES
+from indexcache_train.model.presets import PRESETS
 from indexcache_train.schedule import IndexCacheSchedule, ScheduleError
-from indexcache_train.tools.presets import PRESETS
+from indexcache_train.tools.presets import load_model_config
 from indexcache_train.tools.serve_config import ENGINE_TARGET, ENGINES, notes, serve_overrides
 
 
@@ -109,7 +110,7 @@ def _load_config(args: argparse.Namespace) -> dict[str, Any]:
                 f"--model {args.model!r} is not a preset ({', '.join(sorted(PRESETS))}). "
                 "Fix: name a preset, or pass --hf HF_DIR for a checkpoint on disk."
             )
-        return dict(PRESETS[args.model])
+        return load_model_config(args.model)[1]
     path = args.hf / "config.json" if args.hf.is_dir() else args.hf
     if not path.is_file():
         raise ServeConfigError(
@@ -188,7 +189,7 @@ def _family_notes(
         return []
     return [
         f"{family.model_type} in transformers 5.17 ignores these keys and builds an indexer on "
-        "every layer (checkpoint_tools.families); the transformers patch only helps other readers."
+        "every layer (indexcache_train.model.families); the transformers patch only helps other readers."
     ]
 
 

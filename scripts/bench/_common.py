@@ -88,13 +88,26 @@ def device_line() -> str:
 
 
 def git_rev() -> str:
+    """The commit measured: ``$IC_COMMIT`` (set by the device command: the device machine gets
+    the working tree without ``.git``), else ``git rev-parse``, with ``+uncommitted`` only when
+    the tree differs from that commit."""
+    if rev := os.environ.get("IC_COMMIT"):
+        return rev
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     except OSError:
-        rev = ""
-    return (rev or "unknown") + "+uncommitted"
+        rev, dirty = "", ""
+    if not rev:
+        return "unknown"
+    return rev + ("+uncommitted" if dirty else "")
 
 
 def autotune_report(*kernels: object) -> str:

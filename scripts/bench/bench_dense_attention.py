@@ -29,8 +29,9 @@ from _common import (
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from indexcache_train.ops import kernels
+from indexcache_train.ops import api
 from indexcache_train.ops import triton_dense_attention as tda
+from indexcache_train.ops.backend_triton import dense_attention_kernel
 from indexcache_train.ops.masking import KeyRange
 from indexcache_train.ops.triton_dense_attention import dense_attention_triton
 
@@ -70,7 +71,7 @@ def run_size(S: int, H: int, D: int, V: int, doc: int, eff_max: int) -> list[obj
         return f
 
     def ours_api():
-        return kernels.dense_attention(q, k, v, scale, None)[0]
+        return api.dense_attention(q_BSHD=q, k_BTHD=k, v_BTHV=v, softmax_scale=scale)[0]
 
     def triton_causal():
         return dense_attention_triton(q, k, v, scale, None)[0]
@@ -122,7 +123,7 @@ def main() -> None:
     args = ap.parse_args()
     probe = torch.empty(1, 256, 2, args.qk, device="cuda", dtype=torch.bfloat16)
     probe_v = torch.empty(1, 256, 2, args.v, device="cuda", dtype=torch.bfloat16)
-    backend = kernels.dense_attention_backend(probe, probe, probe_v, None)
+    backend = dense_attention_kernel(probe, probe, probe_v, None)
     rows = []
     for S in (int(s) for s in args.seqs.split(",")):
         free()

@@ -1,13 +1,13 @@
 """Fused distillation loss (sparse and dense terms): Triton vs the PyTorch chunked path, 4K-128K.
 
 Per sequence length (B=1, bf16 inputs, fp32 indexer weights, causal), each term's forward +
-backward into the indexer (``loss.terms`` with ``backend="triton"`` vs ``backend="torch"``, same
+backward into the indexer (``ops.api`` with ``backend="triton"`` vs ``backend="torch"``, same
 inputs, same process) and its peak memory. The main attention's LSE comes from our attention
 kernels (sparse MLA forward / dense attention), the top-k indices are duplicate-free random keys
-spread over each row's causal range (``triton_testing.causal_topk_indices``). The PyTorch
-reference is timed only up to ``--ref-max`` (it takes seconds per call beyond 16K). "Megatron
-[b,h,s,s] GiB" is the size of the fp32 ``[b, heads, s, s]`` score tensor stock Megatron-Core's
-unfused DSA loss path builds (computed, not run: 1 TiB at 64K with 64 heads).
+spread over each row's causal range (``tests/helpers/kernel_testing.causal_topk_indices``).
+The PyTorch reference is timed only up to ``--ref-max`` (it takes seconds per call beyond 16K).
+"Megatron [b,h,s,s] GiB" is the size of the fp32 ``[b, heads, s, s]`` score tensor stock
+Megatron-Core's unfused DSA loss path builds (computed, not run: 1 TiB at 64K with 64 heads).
 
 Useful FLOPs per valid (query, key) pair: target ``2 H Dqk`` (576 sparse), indexer logits
 ``2 I D``, its backward ``4 I D``.
@@ -37,11 +37,11 @@ from _common import (
     time_ms,
 )
 
-from indexcache_train.loss import terms
+from indexcache_train.ops import api
 from indexcache_train.ops import triton_distill as td
 from indexcache_train.ops.masking import KeyRange
-from indexcache_train.ops.triton_distill_testing import indexer_inputs
-from indexcache_train.ops.triton_testing import causal_topk_indices
+from tests.helpers.distill_testing import indexer_inputs
+from tests.helpers.kernel_testing import causal_topk_indices
 
 D_IDX = 128
 HEADER = [
@@ -91,9 +91,14 @@ def kernel_breakdown(fn, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _grad_fn(term, args: tuple, leaves: list[torch.Tensor], iscale: float, **kw):
+def _term(term, attn: dict, leaves: list[torch.Tensor], iscale: float, **kw) -> torch.Tensor:
+    q, k, w = leaves
+    return term(**attn, idx_q_BSID=q, idx_k_BTD=k, idx_w_BSI=w, idx_scale=iscale, **kw)
+
+
+def _grad_fn(term, attn: dict, leaves: list[torch.Tensor], iscale: float, **kw):
     def f():
-        loss = term(*args, *leaves, iscale, **kw)
+        loss = _term(term, attn, leaves, iscale, **kw)
         return torch.autograd.grad(loss, leaves)
 
     return f
@@ -114,30 +119,28 @@ def run_sparse(S: int, H: int, I: int, K: int, ref_max: int) -> list[object]:  #
     leaves = [x.requires_grad_() for x in (iq, ik, iw)]
     n_valid = float((idx >= 0).sum())
     flops = n_valid * (2 * H * Da + 6 * I * D_IDX)
-    args = (aq, akv, lse, idx, ascale)
-    ours = _grad_fn(terms.sparse_term, args, leaves, iscale, backend="triton")
+    attn = dict(attn_q_BSHD=aq, attn_kv_BTD=akv, attn_lse_BSH=lse, topk_BSK=idx, attn_scale=ascale)
+    ours = _grad_fn(api.sparse_distill, attn, leaves, iscale, backend="triton")
     t, peak, extra = timed_with_peak(ours)
 
     def fwd_only():
         with torch.no_grad():
-            return terms.sparse_term(*args, *leaves, iscale, backend="triton")
+            return _term(api.sparse_distill, attn, leaves, iscale, backend="triton")
 
     t_f = attempt(lambda: time_ms(fwd_only))
-    t_p = attempt(lambda: time_ms(lambda: td.topk_head_probs_triton(*args)))
+    t_p = attempt(lambda: time_ms(lambda: td.topk_head_probs_triton(aq, akv, lse, idx, ascale)))
     if S == PROFILE_SEQ:
         print(f"\nsparse {S}: kernels of one fwd+bwd call\n{kernel_breakdown(ours)}\n", flush=True)
     free()
     r_t = r_peak = r_extra = "skipped"
     if S <= ref_max:
-        ref = _grad_fn(terms.sparse_term, args, leaves, iscale, backend="torch")
+        ref = _grad_fn(api.sparse_distill, attn, leaves, iscale, backend="torch")
         r_t, r_peak, r_extra = timed_with_peak(ref, budget_ms=0, min_reps=1)
         free()
     return _row(S, t, flops, t_f, t_p, peak, extra, r_t, r_peak, r_extra, H)
 
 
 def run_dense(S: int, H: int, Dqk: int, I: int, ref_max: int) -> list[object]:  # noqa: E741
-    from indexcache_train.ops import kernels
-
     g = torch.Generator(device="cuda").manual_seed(S)
     aq = torch.randn(1, S, H, Dqk, device="cuda", generator=g).bfloat16()
     ak = torch.randn(1, S, H, Dqk, device="cuda", generator=g).bfloat16()
@@ -145,21 +148,22 @@ def run_dense(S: int, H: int, Dqk: int, I: int, ref_max: int) -> list[object]:  
     v = torch.randn(1, S, H, V, device="cuda", generator=g).bfloat16()
     ascale, iscale = Dqk**-0.5, D_IDX**-0.5
     with torch.no_grad():
-        lse = kernels.dense_attention(aq, ak, v, ascale)[1].contiguous()  # the model's LSE
+        lse = api.dense_attention(q_BSHD=aq, k_BTHD=ak, v_BTHV=v, softmax_scale=ascale)[1]
+        lse = lse.contiguous()  # the model's LSE
     del v
     free()
     kr = KeyRange.causal(1, S, "cuda")
     iq, ik, iw = indexer_inputs(1, S, S, I, D_IDX, "cuda", g)
     leaves = [x.requires_grad_() for x in (iq, ik, iw)]
     flops = S * (S + 1) / 2 * (2 * H * Dqk + 6 * I * D_IDX)
-    args = (aq, ak, lse, kr, ascale)
-    ours = _grad_fn(terms.dense_term, args, leaves, iscale, backend="triton")
+    attn = dict(attn_q_BSHD=aq, attn_k_BTHD=ak, attn_lse_BSH=lse, key_range=kr, attn_scale=ascale)
+    ours = _grad_fn(api.dense_distill, attn, leaves, iscale, backend="triton")
     # Long sequences take seconds per call: fewer repeats there.
     t, peak, extra = timed_with_peak(ours, budget_ms=400.0, min_reps=1 if S > 65536 else 3)
 
     def fwd_only():
         with torch.no_grad():
-            return terms.dense_term(*args, *leaves, iscale, backend="triton")
+            return _term(api.dense_distill, attn, leaves, iscale, backend="triton")
 
     t_f = attempt(lambda: time_ms(fwd_only, min_reps=1 if S > 65536 else 3))
     if S == PROFILE_SEQ:
@@ -167,7 +171,7 @@ def run_dense(S: int, H: int, Dqk: int, I: int, ref_max: int) -> list[object]:  
     free()
     r_t = r_peak = r_extra = "skipped"
     if S <= ref_max:
-        ref = _grad_fn(terms.dense_term, args, leaves, iscale, backend="torch")
+        ref = _grad_fn(api.dense_distill, attn, leaves, iscale, backend="torch")
         r_t, r_peak, r_extra = timed_with_peak(ref, budget_ms=0, min_reps=1)
         free()
     return _row(S, t, flops, t_f, "-", peak, extra, r_t, r_peak, r_extra, H)

@@ -28,7 +28,8 @@ SMEM_LIMIT = 232448  # bytes of dynamic shared memory per block on sm_90
 PTR_TYPES = {
     "lse_ptr": "*fp32", "delta_ptr": "*fp32", "w_ptr": "*fp32", "out_ptr": "*fp32",
     "dkv_ptr": "*fp32", "idx_ptr": "*i32", "qi_ptr": "*i64", "ks_ptr": "*i64",
-    "qblk_max_ptr": "*i32", "qblk_min_ptr": "*i32", "s_ptr": "*fp32",
+    "qblk_max_ptr": "*i32", "qblk_min_ptr": "*i32", "s_ptr": "*fp32", "ent_ptr": "*i32",
+    "cnt_ptr": "*i32",
 }  # fmt: skip
 
 
@@ -115,17 +116,30 @@ def main() -> None:
             jobs.append(
                 ("dense_dkdv", tda._attn_bwd_dkdv_kernel.fn, c2, cfg.num_warps, cfg.num_stages)
             )
-    for cfg in tsm._fwd_configs():
-        c = dict(DA=512, DB=64, BLOCK_H=64, INTERP=False, **cfg.kwargs)
-        jobs.append(("sparse_fwd", tsm._sparse_mla_fwd_kernel.fn, c, cfg.num_warps, cfg.num_stages))
-    for cfg in tsm._bwd_configs():
-        for mode in ((True, True), (True, False), (False, True)):
-            c = dict(
-                DA=512, DB=64, BLOCK_H=64, DO_DQ=mode[0], DO_DKV=mode[1], INTERP=False, **cfg.kwargs
-            )
-            jobs.append(
-                ("sparse_bwd", tsm._sparse_mla_bwd_kernel.fn, c, cfg.num_warps, cfg.num_stages)
-            )
+    # Sparse MLA tile shapes: 16 heads per row (GLM-5 at TP 4), 4 rows x 16 heads (row-block),
+    # 64 heads per row (GLM-5 at TP 1); each config only for the tile heights it is meant for.
+    for bh, bm in ((16, 1), (16, 4), (64, 1)):
+        m = bh * bm
+        base = dict(DA=512, DB=64, BLOCK_H=bh, BM=bm, PLAN=bm > 1, SCAN=2048, INTERP=False)
+        for cfg in tsm._fwd_configs():
+            if cfg.kwargs["MIN_M"] <= m <= cfg.kwargs["MAX_M"]:
+                c = dict(base, **cfg.kwargs)
+                jobs.append(
+                    ("sparse_fwd", tsm._sparse_mla_fwd_kernel.fn, c, cfg.num_warps, cfg.num_stages)
+                )
+        for cfg in tsm._bwd_configs():
+            if cfg.kwargs["MIN_M"] <= m <= cfg.kwargs["MAX_M"]:
+                for do_dq, do_dkv in tsm.bwd_launches(m):
+                    c = dict(base, DO_DQ=do_dq, DO_DKV=do_dkv, **cfg.kwargs)
+                    jobs.append(
+                        (
+                            "sparse_bwd",
+                            tsm._sparse_mla_bwd_kernel.fn,
+                            c,
+                            cfg.num_warps,
+                            cfg.num_stages,
+                        )
+                    )
     for bm, bn, w, st in ((64, 128, 8, 3), (128, 128, 8, 3), (64, 256, 8, 3), (128, 64, 4, 3)):
         c = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_M=bm, BLOCK_N=bn, INTERP=False)
         jobs.append(("indexer", tix._indexer_scores_kernel, c, w, st))
@@ -134,7 +148,7 @@ def main() -> None:
     for name, fn, c, w, st in jobs:
         if only and name not in only:
             continue
-        shown = {k: v for k, v in c.items() if k not in ("INTERP",)}
+        shown = {k: v for k, v in c.items() if k not in ("INTERP", "MIN_M", "MAX_M")}
         print(f"{name:11s} {shown} w={w} s={st}: {compile_one(fn, c, w, st)}", flush=True)
 
 

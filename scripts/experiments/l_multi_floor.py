@@ -26,12 +26,12 @@ def main(argv: list[str]) -> None:
     from indexcache_train import compat
 
     compat.apply()
-    import indexcache_train.model.attention as attention_module
     from indexcache_train.config.compose import compose
     from indexcache_train.config.validate import validate
     from indexcache_train.data import build_dataloader, build_datasets
-    from indexcache_train.loss.targets import head_sum_probs_dense, l1_normalize
     from indexcache_train.model.forward_state import DistillSettings, DSAForwardState
+    from indexcache_train.ops import api
+    from indexcache_train.ops.distill_reference import head_sum_probs_dense, l1_normalize
     from indexcache_train.training import checkpointing as ckpt
     from indexcache_train.training import runtime
     from indexcache_train.training.model_setup import build_chunks
@@ -67,17 +67,17 @@ def main(argv: list[str]) -> None:
     )
 
     captured: list[torch.Tensor] = []
-    real_dense_term = attention_module.dense_term
+    real_dense_distill = api.dense_distill
 
-    def capture(q_BSHD, k_BTHD, lse_BSH, key_range, scale, *args, **kwargs):
+    def capture(**kw):
         # Called once per served layer, in layer order: keep its whole target p (test-size only).
-        valid_BST = key_range.dense_mask(k_BTHD.shape[1])
-        captured.append(
-            l1_normalize(head_sum_probs_dense(q_BSHD, k_BTHD, lse_BSH, valid_BST, scale))
-        )
-        return real_dense_term(q_BSHD, k_BTHD, lse_BSH, key_range, scale, *args, **kwargs)
+        q_BSHD, k_BTHD = kw["attn_q_BSHD"], kw["attn_k_BTHD"]
+        valid_BST = kw["key_range"].dense_mask(k_BTHD.shape[1])
+        p = head_sum_probs_dense(q_BSHD, k_BTHD, kw["attn_lse_BSH"], valid_BST, kw["attn_scale"])
+        captured.append(l1_normalize(p))
+        return real_dense_distill(**kw)
 
-    attention_module.dense_term = capture
+    api.dense_distill = capture
     uniform = DistillSettings(mode="multi", compute_grad=False)
     kl_sum: dict[tuple[int, int], float] = {}
     floor_sum: dict[int, float] = {}

@@ -14,16 +14,19 @@ import zlib
 import pytest
 import torch
 
-from indexcache_train.ops import api, kernels
+from indexcache_train.ops import api
+from indexcache_train.ops.backend_triton import dense_attention_kernel, triton_missing
 from indexcache_train.ops.masking import KeyRange
 from indexcache_train.ops.triton_dense_attention import dense_attention_triton
-from indexcache_train.ops.triton_testing import check_dense
+from tests.helpers.kernel_testing import check_dense
 
 DEV = "cuda"
 
 
 def _api(q, k, v, scale, kr):
-    return api.dense_attention(q, k, v, scale, kr, backend="triton")
+    return api.dense_attention(
+        q_BSHD=q, k_BTHD=k, v_BTHV=v, softmax_scale=scale, key_range=kr, backend="triton"
+    )
 
 
 def _packed(B: int, S: int, starts: list[int]) -> KeyRange:
@@ -59,7 +62,7 @@ CASES = {
 
 
 def test_kernel_is_used() -> None:
-    assert kernels.HAVE_DENSE_ATTENTION
+    assert triton_missing() is None
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -69,9 +72,7 @@ def test_dense_attention_gpu(name: str) -> None:
     q = torch.empty(B, S, H, D, device=DEV, dtype=torch.bfloat16)
     k = torch.empty(B, T, H, D, device=DEV, dtype=torch.bfloat16)
     v = torch.empty(B, T, H, V, device=DEV, dtype=torch.bfloat16)
-    backend = (
-        "triton" if impl is dense_attention_triton else kernels.dense_attention_backend(q, k, v, kr)
-    )
+    backend = "triton" if impl is dense_attention_triton else dense_attention_kernel(q, k, v, kr)
     r = check_dense(impl, B, S, T, H, D, V, kr, DEV, seed=zlib.crc32(name.encode()))
     print(f"\n{name} [{backend}]: " + ", ".join(f"{k}={v:.3g}" for k, v in r.items()))
     assert r["lse_shape_ok"] == 1.0 and r["lse_inf_ok"] == 1.0
@@ -83,10 +84,8 @@ def test_cudnn_is_used_for_plain_causal() -> None:
     """cuDNN takes DeepSeek-V3.2's qk 192 / v 128 (perf-anchors.md); KeyRange never goes there."""
     q = torch.empty(1, 256, 2, 192, device=DEV, dtype=torch.bfloat16)
     v = torch.empty(1, 256, 2, 128, device=DEV, dtype=torch.bfloat16)
-    assert kernels.dense_attention_backend(q, q, v, None) == "cudnn"
+    assert dense_attention_kernel(q, q, v, None) == "cudnn"
     kr = KeyRange.causal(1, 256, DEV)
-    assert kernels.dense_attention_backend(q, q, v, kr) == "triton"
+    assert dense_attention_kernel(q, q, v, kr) == "triton"
     q256 = torch.empty(1, 256, 2, 256, device=DEV, dtype=torch.bfloat16)
-    print(
-        f"\ncuDNN takes qk 256 / v 256: {kernels.dense_attention_backend(q256, q256, q256, None)}"
-    )
+    print(f"\ncuDNN takes qk 256 / v 256: {dense_attention_kernel(q256, q256, q256, None)}")

@@ -1,9 +1,9 @@
-"""GPU: the fused distillation loss (sparse and dense terms) through ``loss.terms``.
+"""GPU: the fused distillation loss (sparse and dense terms) through ``ops.api``.
 
 Bar: the loss and the indexer gradients (dq, dk, dw) within 2x the error of the same computation
-in PyTorch bf16 against the fp32 reference (``loss.terms`` with ``backend="torch"`` on fp32 copies
+in PyTorch bf16 against the fp32 reference (``ops.api`` with ``backend="torch"`` on fp32 copies
 of the same bf16 inputs), finite, and exactly zero gradients on rows without a valid key. The
-kernel side runs through ``loss.terms`` with ``backend="triton"`` (the dispatch the model uses;
+kernel side runs through ``ops.api`` with ``backend="triton"`` (the dispatch the model uses;
 ``"triton"`` errors instead of falling back). Production shapes: GLM-5 (64 heads, indexer 32 x
 128, qk 256 dense) and DeepSeek-V3.2 (128 heads, indexer 64 x 128, qk 192 dense), k = 2048 at
 S = 4096; packed documents with rows whose key range is empty; several row chunks; CP offsets;
@@ -19,19 +19,19 @@ import zlib
 import pytest
 import torch
 
-from indexcache_train.loss import terms
-from indexcache_train.ops import kernels
+from indexcache_train.ops import api
 from indexcache_train.ops import triton_distill as td
-from indexcache_train.ops import triton_distill_testing as tdt
+from indexcache_train.ops.backend_triton import triton_missing
 from indexcache_train.ops.masking import KeyRange
-from indexcache_train.ops.triton_testing import causal_topk_indices
+from tests.helpers import distill_testing as tdt
 from tests.helpers import tp_emulation as tpe
+from tests.helpers.kernel_testing import causal_topk_indices
 
 DEV = "cuda"
-SPARSE = functools.partial(terms.sparse_term, backend="triton")
-SPARSE_REF = functools.partial(terms.sparse_term, backend="torch")
-DENSE = functools.partial(terms.dense_term, backend="triton")
-DENSE_REF = functools.partial(terms.dense_term, backend="torch")
+SPARSE = functools.partial(api.sparse_distill, backend="triton")
+SPARSE_REF = functools.partial(api.sparse_distill, backend="torch")
+DENSE = functools.partial(api.dense_distill, backend="triton")
+DENSE_REF = functools.partial(api.dense_distill, backend="torch")
 
 
 def _packed_empty(S: int) -> KeyRange:
@@ -70,7 +70,7 @@ DENSE_CASES = {
 
 
 def test_kernel_is_used() -> None:
-    assert kernels.HAVE_DISTILL
+    assert triton_missing() is None
 
 
 def _assert(r: dict[str, float]) -> None:

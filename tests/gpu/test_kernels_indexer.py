@@ -15,16 +15,19 @@ import zlib
 import pytest
 import torch
 
-from indexcache_train.ops import api, kernels
+from indexcache_train.ops import api
+from indexcache_train.ops.backend_triton import triton_missing
 from indexcache_train.ops.masking import KeyRange
 from indexcache_train.ops.triton_indexer import indexer_topk_triton
-from indexcache_train.ops.triton_testing import check_indexer
+from tests.helpers.kernel_testing import check_indexer
 
 DEV = "cuda"
 
 
 def _api(q, k, w, topk, scale, kr):
-    return api.indexer_topk(q, k, w, topk, scale, kr, backend="triton")
+    return api.indexer_topk(
+        q_BSID=q, k_BTD=k, w_BSI=w, topk=topk, softmax_scale=scale, key_range=kr, backend="triton"
+    )
 
 
 def _cp_rank0(S_local: int) -> KeyRange:
@@ -56,7 +59,7 @@ CASES = {
 
 
 def test_kernel_is_used() -> None:
-    assert kernels.HAVE_INDEXER_TOPK
+    assert triton_missing() is None
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from indexcache_train.model.families import get_family
 from indexcache_train.schedule import IndexCacheSchedule
 
 _SIZES: dict[str, Any] = {
@@ -66,23 +67,20 @@ def make_dsv32_toy_config(**overrides: Any) -> Any:
 
 def make_dense_mla_toy_config(model_type: str = "glm4_moe_lite", **overrides: Any) -> Any:
     """A dense-MLA parent (``glm4_moe_lite`` or ``deepseek_v3``): no indexers."""
-    from transformers import DeepseekV3Config, Glm4MoeLiteConfig
-
-    if model_type == "glm4_moe_lite":
-        sizes = {k: v for k, v in _SIZES.items() if k != "first_k_dense_replace"}
-        return Glm4MoeLiteConfig(**{**sizes, "n_routed_experts": 8, **overrides})
-    if model_type == "deepseek_v3":
-        return DeepseekV3Config(**{**_SIZES, "n_routed_experts": 16, **overrides})
-    raise ValueError(f"no dense-MLA toy for {model_type!r}")
+    family = get_family(model_type)
+    if family.has_indexers:
+        raise ValueError(f"{model_type} is not a dense-MLA family")
+    sizes = dict(_SIZES)
+    if not family.reads_first_k_dense_replace:
+        del sizes["first_k_dense_replace"]
+    # DeepSeek's n_group 8 needs >= 2 experts per group (the router takes the top-2 per group).
+    experts = 16 if family.hf_defaults.get("n_group", 1) > 1 else 8
+    return family.hf_config_class()(**{**sizes, "n_routed_experts": experts, **overrides})
 
 
 def model_class(config: Any) -> Any:
     """The ``*ForCausalLM`` class of a toy config."""
-    import transformers
-
-    return (
-        getattr(transformers, config.architectures[0]) if config.architectures else _by_type(config)
-    )
+    return get_family(config.model_type).hf_model_class()
 
 
 def save_toy_checkpoint(
@@ -190,18 +188,6 @@ def read_all(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------- internals
-def _by_type(config: Any) -> Any:
-    import transformers
-
-    names = {
-        "glm_moe_dsa": "GlmMoeDsaForCausalLM",
-        "deepseek_v32": "DeepseekV32ForCausalLM",
-        "deepseek_v3": "DeepseekV3ForCausalLM",
-        "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
-    }
-    return getattr(transformers, names[config.model_type])
-
-
 def _perturb_and_cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
     with torch.no_grad():
         for param in model.parameters():

@@ -95,7 +95,7 @@ def tp_error(
     range (dense) or top-k (sparse), both over every row. Rank ``r`` holds heads
     ``r*H/tp ...`` and, under sequence parallelism, indexer rows ``r*S/tp ...``.
     """
-    from indexcache_train.ops.triton_testing import rel_err
+    from tests.helpers.kernel_testing import rel_err
 
     aq, k, lse, rows_arg, ascale = attn
     iq, ik, iw = indexer

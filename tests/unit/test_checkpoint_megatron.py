@@ -8,7 +8,9 @@ F/S pattern, DeepSeek-V3.2 (all Full) and block-FP8.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -487,3 +489,74 @@ def test_cli_reports_errors_with_exit_code_2(
     assert rc == 2
     assert MODEL_CONFIG_NAME in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+# ---------------------------------------------------------------------- outputs (issue #22)
+def test_outputs_get_umask_permissions_not_0700(toys: dict[str, Path], tmp_path: Path) -> None:
+    """import / export / convert-schedule outputs are served by other users: mkdir's mode."""
+    from checkpoint_tools.convert_schedule import convert_schedule
+
+    old = os.umask(0o022)
+    try:
+        _import(toys["glm5"], tmp_path / "mc")
+        export_checkpoint(tmp_path / "mc", tmp_path / "hf")
+        convert_schedule(toys["glm5"], tmp_path / "conv", ScheduleRequest(4, 3))
+        for out in ("mc", "hf", "conv"):
+            assert stat.S_IMODE((tmp_path / out).stat().st_mode) == 0o755, out
+        os.umask(0o077)
+        export_checkpoint(tmp_path / "mc", tmp_path / "private")
+        assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o700
+    finally:
+        os.umask(old)
+
+
+def test_export_defaults_to_the_checkpoint_dtype(
+    toys: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _import(toys["glm5"], tmp_path / "mc", dtype="float32")
+    rc = cli(["export", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "hf")])
+    assert rc == 0
+    assert "float32 = the checkpoint's own dtype" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float32"
+    assert {t.dtype for t in read_all(tmp_path / "hf").values()} == {torch.float32}
+    result = export_checkpoint(tmp_path / "mc", tmp_path / "hf16", dtype="float16")
+    assert (result.dtype, result.dtype_reason) == ("float16", "--dtype")
+
+
+def test_export_copies_the_recorded_tokenizer_or_warns(
+    toys: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _import(toys["glm5"], tmp_path / "mc")
+    result = export_checkpoint(tmp_path / "mc", tmp_path / "hf")
+    assert "tokenizer_config.json" in result.side_files and not result.warnings
+    assert (tmp_path / "hf" / "tokenizer_config.json").read_text() == (
+        toys["glm5"] / "tokenizer_config.json"
+    ).read_text()
+    meta = tmp_path / "mc" / "import_metadata.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "source": str(tmp_path / "gone")}))
+    rc = cli(["export", "--ckpt", str(tmp_path / "mc"), "--out", str(tmp_path / "bare")])
+    err = capsys.readouterr().err
+    assert rc == 0 and "warning: no tokenizer in the export" in err and "--hf-ref" in err
+    assert not (tmp_path / "bare" / "tokenizer_config.json").exists()
+
+
+def test_export_follows_a_runs_latest_checkpoint(
+    toys: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _import(toys["glm5"], tmp_path / "mc")
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        shutil.copytree(tmp_path / "mc", ckpts / f"step_{step:08d}")
+        (ckpts / f"step_{step:08d}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (ckpts / "latest").write_text("step_00000002")
+    for i, where in enumerate((ckpts, ckpts.parent)):
+        rc = cli(["export", "--ckpt", str(where), "--out", str(tmp_path / f"hf{i}")])
+        out = capsys.readouterr().out
+        assert rc == 0 and f"following {ckpts / 'latest'}: {ckpts / 'step_00000002'}" in out
+        assert read_all(tmp_path / f"hf{i}").keys() == read_all(toys["glm5"]).keys()
+    empty = tmp_path / "empty_run" / "checkpoints"
+    (empty / "step_00000003.tmp").mkdir(parents=True)
+    (empty / "latest").write_text("step_00000003")
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        export_checkpoint(empty.parent, tmp_path / "none")
+    assert not (tmp_path / "none").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import shutil
@@ -33,10 +32,10 @@ from checkpoint_tools.errors import (
     UnexpectedTensorError,
     UnsupportedConversionError,
 )
-from checkpoint_tools.families import FAMILIES
 from checkpoint_tools.hf_io import HFCheckpoint, ShardedCheckpointWriter
 from checkpoint_tools.inspect_checkpoint import describe
 from checkpoint_tools.validation import validate_hf_checkpoint
+from indexcache_train.model.families import FAMILIES
 from indexcache_train.schedule import IndexCacheSchedule
 from tests.helpers.hf_toys import (
     make_dense_mla_toy_config,
@@ -137,48 +136,6 @@ def edited_copy(
 
 
 # ---------------------------------------------------------------------- transformers facts
-def test_family_table_matches_transformers() -> None:
-    import transformers
-    from transformers.models.deepseek_v32 import modeling_deepseek_v32
-    from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa
-
-    glm = transformers.GlmMoeDsaForCausalLM(
-        make_glm5_toy_config(indexer_types=["full", "shared", "full", "shared"])
-    )
-    assert [layer.self_attn.indexer is None for layer in glm.model.layers] == [
-        False,
-        True,
-        False,
-        True,
-    ]
-    dsv32_cfg = make_dsv32_toy_config(indexer_types=["full", "shared", "full", "shared"])
-    dsv32 = transformers.DeepseekV32ForCausalLM(dsv32_cfg)
-    assert all(layer.self_attn.indexer is not None for layer in dsv32.model.layers)  # ignores it
-    assert (
-        FAMILIES["glm_moe_dsa"].supports_shared_layers
-        and not FAMILIES["deepseek_v32"].supports_shared_layers
-    )
-    for family, cfg_cls in (
-        ("glm_moe_dsa", transformers.GlmMoeDsaConfig),
-        ("deepseek_v32", transformers.DeepseekV32Config),
-    ):
-        defaults = cfg_cls()
-        assert FAMILIES[family].default_index_dims == (
-            defaults.index_topk,
-            defaults.index_head_dim,
-            defaults.index_n_heads,
-        )
-    assert "apply_rotary_pos_emb_interleave" in inspect.getsource(
-        modeling_glm_moe_dsa.GlmMoeDsaIndexer.forward
-    )
-    dsv32_indexer = inspect.getsource(modeling_deepseek_v32.DeepseekV32Indexer.forward)
-    assert "apply_rotary_pos_emb(" in dsv32_indexer and "interleave(" not in dsv32_indexer
-    assert (
-        FAMILIES["glm_moe_dsa"].indexer_rope_interleave
-        and not FAMILIES["deepseek_v32"].indexer_rope_interleave
-    )
-
-
 def test_save_pretrained_writes_per_expert_names_and_both_forms_load(toys: dict[str, Path]) -> None:
     names = HFCheckpoint(toys["glm5"]).names
     assert "model.layers.1.mlp.experts.7.gate_proj.weight" in names

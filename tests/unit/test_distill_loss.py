@@ -21,10 +21,10 @@ import torch
 
 from indexcache_train.config.schema import StageSection
 from indexcache_train.loss.autoscaler import IndexCacheLossAutoScaler
-from indexcache_train.loss.kl import dense_kl_sum, sparse_kl_sum
 from indexcache_train.model.factory import ParallelSettings
 from indexcache_train.model.forward_state import DistillSettings
 from indexcache_train.model.toy_configs import glm5_toy_hf_config
+from indexcache_train.ops.kl_reference import dense_kl_sum, sparse_kl_sum
 from indexcache_train.ops.masking import KeyRange
 from indexcache_train.schedule import IndexCacheSchedule
 from indexcache_train.training.model_setup import is_indexer_param, set_trainable

@@ -1,8 +1,9 @@
-"""Which head dims the Triton kernels take, how the dispatch uses that, and the config check.
+"""Which head dims the Triton kernels take, how the triton backend uses that, and the config check.
 
 The kernels themselves run on the GPU (tests/gpu) and under the interpreter
-(test_kernels_interpret); here: the rules, that ``auto`` falls back to PyTorch for dims no kernel
-takes, that ``triton`` names the reason, and that validation refuses such a model up front.
+(test_kernels_interpret); here: the rules, that the triton backend's hooks decline dims no kernel
+takes with the reason (so ``auto`` falls back to PyTorch and ``triton`` names it; the dispatch
+itself: test_kernel_backends.py), and that validation refuses such a model up front.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ from indexcache_train.config.compose import compose
 from indexcache_train.config.validate import ConfigError, validate
 from indexcache_train.model.config import ModelConfig
 from indexcache_train.model.presets import PRESETS, preset_hf_config
+from indexcache_train.ops import backend_triton as bt
 from indexcache_train.ops import kernel_dims as kd
-from indexcache_train.ops.api import _use_kernel
+from indexcache_train.ops.backends import Declined
 
 pytestmark = pytest.mark.unit
 
-CUDA_LIKE = SimpleNamespace(is_cuda=True, device="cuda:0")  # the dispatch reads only these
+
+def _cuda_like(*shape: int) -> SimpleNamespace:
+    """A stand-in CUDA tensor: the hooks read only ``is_cuda``, ``device`` and ``shape`` before
+    they decline (no GPU here)."""
+    return SimpleNamespace(is_cuda=True, device="cuda:0", shape=shape)
 
 
 def _dims_reasons(m: ModelConfig) -> list[str | None]:
@@ -62,16 +68,20 @@ def test_sparse_mla_needs_the_latent_as_the_power_of_two_part() -> None:
     assert "not a sum of two powers of two" in kd.sparse_mla_dims(100, 64)
 
 
-def test_auto_falls_back_and_triton_names_the_reason() -> None:
-    assert _use_kernel("auto", CUDA_LIKE, True, "sparse MLA", None)
-    assert not _use_kernel("auto", CUDA_LIKE, True, "sparse MLA", "qk dim 40 ...")
-    assert not _use_kernel("auto", CUDA_LIKE, False, "sparse MLA", None)
-    assert not _use_kernel("torch", CUDA_LIKE, True, "sparse MLA", None)
-    assert _use_kernel("triton", CUDA_LIKE, True, "sparse MLA", None)
-    with pytest.raises(RuntimeError, match=r"sparse MLA kernel.*qk dim 40.*kernel_backend=auto"):
-        _use_kernel("triton", CUDA_LIKE, True, "sparse MLA", "qk dim 40 ...")
-    with pytest.raises(RuntimeError, match="device cpu"):
-        _use_kernel("triton", SimpleNamespace(is_cuda=False, device="cpu"), True, "x", None)
+def test_triton_hooks_decline_dims_no_kernel_takes() -> None:
+    kv = _cuda_like(1, 8, 40)
+    out = bt.sparse_mla(
+        q_BSHD=_cuda_like(1, 8, 2, 40), kv_BTD=kv, topk_BSK=None, softmax_scale=1.0, v_dim=32
+    )
+    assert isinstance(out, Declined) and "40 = 32 + 8" in out.reason
+    out = bt.indexer_topk(
+        q_BSID=_cuda_like(1, 8, 2, 24), k_BTD=None, w_BSI=None, topk=4, softmax_scale=1.0,
+        key_range=None,
+    )  # fmt: skip
+    assert isinstance(out, Declined) and "indexer head dim 24" in out.reason
+    cpu = SimpleNamespace(is_cuda=False, device="cpu", shape=(1, 8, 2, 576))
+    out = bt.sparse_mla(q_BSHD=cpu, kv_BTD=None, topk_BSK=None, softmax_scale=1.0, v_dim=512)
+    assert isinstance(out, Declined) and "inputs are on cpu" in out.reason
 
 
 def test_validation_refuses_triton_for_dims_no_kernel_takes() -> None:
@@ -85,3 +95,17 @@ def test_validation_refuses_triton_for_dims_no_kernel_takes() -> None:
 def test_gpu_toy_runs_the_kernels() -> None:
     # tests/gpu/test_train_gpu.py forces kernel_backend=triton on this experiment.
     validate(compose(["+experiment=toy_gpu", "model.kernel_backend=triton"]), 1)
+
+
+def test_validation_takes_triton_for_the_dense_warm_up_at_tp2() -> None:
+    # The fused dense distillation kernel takes a TP split (ops/triton_distill.py): the GPU toy
+    # validates with kernel_backend=triton at TP2+SP as at TP1.
+    tp2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
+    validate(compose(["+experiment=toy_gpu", "model.kernel_backend=triton", *tp2]), 2)
+
+
+def test_validation_names_the_backends() -> None:
+    with pytest.raises(
+        ConfigError, match=r"model.kernel_backend='cuda'.*'auto', 'torch', 'triton'"
+    ):
+        validate(compose(["+experiment=toy", "model.kernel_backend=cuda"]), 1)

@@ -6,7 +6,7 @@ module with ``TRITON_INTERPRET=1``, runs every case and prints its metrics as JS
 below assert on those numbers.
 
 Bar (same as the GPU tier): loss and indexer gradients against the fp32 PyTorch reference
-(``loss.terms`` with ``backend="torch"``) at most twice the error of the same computation in
+(``ops.api`` with ``backend="torch"``) at most twice the error of the same computation in
 PyTorch bf16; finite everywhere; zero gradients on rows without a valid key. Plus the pieces the
 GPU tier checks at production size: the TP split (emulated groups of 2 and 4 ranks, with
 and without sequence-parallel row slices), several row chunks, context-parallel
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-# kernels.py guards the import; without Triton there is nothing to test.
+# The triton backend declines without Triton; then there is nothing to test here.
 pytest.importorskip("triton")
 
 SLACK = 2.0  # kernel error <= SLACK * bf16-PyTorch error (+ FLOOR for exact-zero baselines)
@@ -36,16 +36,16 @@ def _cases() -> dict[str, dict[str, float]]:
 
     import torch
 
-    from indexcache_train.loss import terms
+    from indexcache_train.ops import api
     from indexcache_train.ops import triton_distill as td
-    from indexcache_train.ops import triton_distill_testing as tdt
     from indexcache_train.ops.masking import KeyRange
-    from indexcache_train.ops.triton_testing import causal_topk_indices, rel_err
+    from tests.helpers import distill_testing as tdt
     from tests.helpers import tp_emulation as tpe
+    from tests.helpers.kernel_testing import causal_topk_indices, rel_err
 
     cpu = "cpu"
-    ref_s = functools.partial(terms.sparse_term, chunk=8, backend="torch")
-    ref_d = functools.partial(terms.dense_term, chunk=8, backend="torch")
+    ref_s = functools.partial(api.sparse_distill, chunk=8, backend="torch")
+    ref_d = functools.partial(api.dense_distill, chunk=8, backend="torch")
     res: dict[str, dict[str, float]] = {}
 
     # Sparse: D 48 = 32 latent + 16 rope, 3 heads (one padded group), I = 4 (padded to 16
@@ -127,7 +127,7 @@ def _tp_cases(td, tdt, tpe, cpu) -> dict[str, dict[str, float]]:
     import torch
 
     from indexcache_train.ops.masking import KeyRange
-    from indexcache_train.ops.triton_testing import causal_topk_indices
+    from tests.helpers.kernel_testing import causal_topk_indices
 
     g = torch.Generator().manual_seed(11)
     out: dict[str, dict[str, float]] = {}

@@ -12,17 +12,12 @@ to the reference's except at ties with the k-th score.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-pytest.importorskip(
-    "triton"
-)  # kernels.py guards the import; without Triton there is nothing to test
+from tests.helpers.interpreter import main_guard, run_interpreted
+
+# The triton backend declines without Triton; then there is nothing to test here.
+pytest.importorskip("triton")
 
 SLACK = 2.0  # kernel error <= SLACK * bf16-PyTorch error (+ FLOOR for exact-zero baselines)
 FLOOR = 1e-6
@@ -32,11 +27,11 @@ def _cases() -> dict[str, dict[str, float]]:
     """Worker body: runs in the subprocess with TRITON_INTERPRET=1 (CPU tensors)."""
     import torch
 
-    from indexcache_train.ops import triton_testing as tt
     from indexcache_train.ops.masking import KeyRange
     from indexcache_train.ops.triton_dense_attention import dense_attention_triton
     from indexcache_train.ops.triton_indexer import indexer_topk_triton
     from indexcache_train.ops.triton_sparse_mla import sparse_mla_triton
+    from tests.helpers import kernel_testing as tt
 
     torch.manual_seed(0)
     cpu = "cpu"
@@ -105,23 +100,7 @@ def _cases() -> dict[str, dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict[str, float]]:
-    repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(repo) + os.pathsep + env.get("PYTHONPATH", ""),
-        TRITON_INTERPRET="1",
-        TORCHDYNAMO_DISABLE="1",
-    )
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
-        env=env,
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=300)
 
 
 def _assert_close(r: dict[str, float], names: tuple[str, ...]) -> None:
@@ -162,6 +141,4 @@ def test_sparse_mla_interpret(results: dict[str, dict[str, float]], case: str) -
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("run with TRITON_INTERPRET=1")
-    print(json.dumps(_cases()))
+    main_guard(_cases)

@@ -12,6 +12,7 @@ import torch
 from transformers import DeepseekV32ForCausalLM, GlmMoeDsaForCausalLM
 
 from indexcache_train.model.config import ModelConfig
+from indexcache_train.model.families import DSV32_YARN
 from indexcache_train.model.hf_mapping import load_hf_state_dict
 from indexcache_train.model.toy_configs import dsv32_toy_hf_config, glm5_toy_hf_config
 from tests.helpers.megatron_env import init_single_process
@@ -92,18 +93,8 @@ def test_glm5_freq_offset_schedule_matches_transformers() -> None:
 
 
 def test_deepseek_v32_all_full_yarn_grouped_routing_matches_transformers() -> None:
-    yarn = {
-        "rope_type": "yarn",
-        "rope_theta": 10000.0,
-        "factor": 40.0,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    }
     hf_cfg = dsv32_toy_hf_config(
-        num_hidden_layers=3, rope_parameters=yarn, max_position_embeddings=163840
+        num_hidden_layers=3, rope_parameters=dict(DSV32_YARN), max_position_embeddings=163840
     )
     cfg, ref, ours, hf_topk, our_topk = _ours_vs_hf(DeepseekV32ForCausalLM, hf_cfg)
     assert cfg.n_group == 8 and cfg.topk_group == 4 and not cfg.indexer_rope_interleave

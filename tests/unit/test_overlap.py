@@ -1,18 +1,16 @@
-"""The ``overlap`` tool: planted top-k overlaps, mass vs brute force, PNG validity, CLI end to end."""
+"""The ``overlap`` tool: planted top-k overlaps, mass vs brute force, CSV, CLI end to end."""
 
 from __future__ import annotations
 
 import csv
 import math
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from indexcache_train.tools.overlap import OverlapStats, mass_sums, matrix_csv, overlap_sums
-from indexcache_train.tools.png import NAN_RGB, SIGNATURE, colormap, encode_png, heatmap_png
+from tests.helpers.images import read_png
 
 pytestmark = pytest.mark.unit
 
@@ -100,55 +98,7 @@ def test_mass_matches_brute_force() -> None:
     assert torch.isnan(m[0]).all()
 
 
-# ---------------------------------------------------------------------- PNG
-def _parse_png(data: bytes) -> tuple[int, int, bytes]:
-    """(width, height, decompressed IDAT), checking signature, chunk CRCs and the IHDR format."""
-    assert data[:8] == SIGNATURE
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
-    width, height, depth, colour, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, colour, comp, filt, interlace) == (8, 2, 0, 0, 0)
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    return width, height, raw
-
-
-def _pixel(raw: bytes, width: int, x: int, y: int) -> tuple[int, int, int]:
-    start = y * (1 + 3 * width) + 1 + 3 * x
-    return tuple(raw[start : start + 3])
-
-
-def test_heatmap_png_is_a_valid_image(tmp_path: Path) -> None:
-    matrix = [[0.0, 0.5, 1.0], [float("nan"), 0.25, 0.75], [1.0, 0.0, 0.5]]
-    data = heatmap_png(matrix, cell=8)
-    width, height, raw = _parse_png(data)
-    assert (width, height) == (3 * 8 + 1 + 8 + 16, 3 * 8 + 1)  # map + grid, gap, colour bar
-    assert len(raw) == height * (1 + 3 * width)
-    assert all(raw[y * (1 + 3 * width)] == 0 for y in range(height))  # filter type 0
-    centre = lambda i, j: _pixel(raw, width, j * 8 + 4, i * 8 + 4)  # noqa: E731
-    assert centre(0, 0) == colormap(0.0) and centre(0, 2) == colormap(1.0)
-    assert centre(1, 0) == NAN_RGB and centre(1, 1) == colormap(0.25)
-    assert _pixel(raw, width, 0, 0) == (32, 32, 32)  # grid line
-    assert _pixel(raw, width, width - 1, 0) == colormap(1.0)  # colour bar: top = vmax
-    assert _pixel(raw, width, width - 1, height - 1) == colormap(0.0)
-    (tmp_path / "h.png").write_bytes(data)
-
-
-def test_colormap_and_encoder_edges() -> None:
-    assert colormap(-3.0) == (68, 1, 84) and colormap(7.0) == (253, 231, 37)
-    assert colormap(0.5) == (33, 145, 140)
-    with pytest.raises(ValueError, match="rows"):
-        encode_png(2, 1, [b"\x00" * 5])
-    w, h, raw = _parse_png(encode_png(1, 1, [b"\x01\x02\x03"]))
-    assert (w, h, raw) == (1, 1, b"\x00\x01\x02\x03")
-
-
+# ---------------------------------------------------------------------- CSV
 def test_matrix_csv() -> None:
     text = matrix_csv([[1.0, float("nan")], [0.25, 1.0]], "i/j")
     assert text == "i/j,0,1\n0,1.000000,nan\n1,0.250000,1.000000\n"
@@ -199,11 +149,11 @@ def test_absorbed_qkv_reproduces_the_attention_output(megatron: None) -> None:
         x, dsa_state, out = seen[i]
         q_abs, kv = absorbed_qkv(a, x, dsa_state)
         lat, _ = ops.sparse_mla(
-            q_abs,
-            kv,
-            st.captured_topk[i],
-            a.dims.softmax_scale,
-            a.dims.kv_lora_rank,
+            q_BSHD=q_abs,
+            kv_BTD=kv,
+            topk_BSK=st.captured_topk[i],
+            softmax_scale=a.dims.softmax_scale,
+            v_dim=a.dims.kv_lora_rank,
             backend="torch",
         )
         _, w_uv = a._kv_up_weights()
@@ -241,8 +191,8 @@ def test_cli_end_to_end_on_toy_preset(megatron: None, tmp_path: Path, capsys) ->
     assert all(overlap[i][j] == overlap[j][i] for i in range(L) for j in range(L))
     assert all(0.0 < v <= 1.0 for row in mass for v in row)
     for name in ("overlap.png", "mass.png"):
-        w, h, raw = _parse_png((out / name).read_bytes())
-        assert len(raw) == h * (1 + 3 * w) and h == L * 32 + 1
+        pixels = read_png(out / name)
+        assert pixels.shape[:2] == (560, 640) and pixels.std() > 0  # drawn, not blank
     # Refuses to overwrite without --overwrite; writes again with it.
     assert _cli(*args, "--out", str(out)) == 2
     assert "--overwrite" in capsys.readouterr().err

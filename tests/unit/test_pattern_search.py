@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from indexcache_train.tools.pattern_search import (
     flip,
     greedy_search,
 )
+from tests.helpers.images import read_png
 
 pytestmark = pytest.mark.unit
 
@@ -226,23 +225,6 @@ def test_replay_that_disagrees_with_a_logged_commit_is_refused(tmp_path: Path) -
 
 
 # ---------------------------------------------------------------------- the CLI on a toy
-def _png_pixels(data: bytes) -> tuple[int, int, bytes]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
-        chunks[kind] = body
-        pos += 12 + length
-    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, color) == (8, 2)
-    raw = zlib.decompress(chunks[b"IDAT"])
-    assert len(raw) == h * (1 + 3 * w)
-    return w, h, raw
-
-
 def test_cli_search_on_a_toy_writes_log_result_and_png(tmp_path: Path, capsys) -> None:
     from indexcache_train.tools.__main__ import main
 
@@ -259,8 +241,8 @@ def test_cli_search_on_a_toy_writes_log_result_and_png(tmp_path: Path, capsys) -
     assert result["losses"][1:] == [c["loss"] for c in commits]
     for c in commits:  # the model-side losses obey the same argmin contract
         assert c["loss"] == min(v for _, v in c["candidates"])
-    w, h, raw = _png_pixels((tmp_path / "loss.png").read_bytes())
-    assert (w, h) == (640, 400) and len(set(raw)) > 3  # not a blank image
+    pixels = read_png(tmp_path / "loss.png")
+    assert pixels.shape[:2] == (400, 640) and pixels.std() > 0  # drawn, not blank
     out = capsys.readouterr().out
     assert "step 2:" in out
     # Rerunning the same command resumes: nothing is evaluated again.

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import indexcache_train.model.attention as attention_module
+import indexcache_train.ops.api as ops_api
 from indexcache_train.loss.recall import head_sum_probs_all_keys, topk_recall
 from indexcache_train.model.forward_state import DistillSettings
 from indexcache_train.model.toy_configs import glm5_toy_hf_config
@@ -268,20 +269,23 @@ def test_evaluation_measures_sampled_rows_exactly(attention: str, monkeypatch) -
     ids = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(2))
     seen: list[dict] = []
     real_recall = attention_module.topk_recall
-    term_name = "sparse_term" if attention == "sparse" else "dense_term"
-    real_term = getattr(attention_module, term_name)
+    term_name, rows_key = (
+        ("sparse_distill", "topk_BSK") if attention == "sparse" else ("dense_distill", "key_range")
+    )
+    real_term = getattr(ops_api, term_name)
 
     def recall_spy(probs_fn, key_range, reused_BSK, topk, num_keys, chunk=128):
         n = reused_BSK.shape[1]
         seen[-1]["recall"].append((probs_fn(0, n), key_range.query_index_BS, reused_BSK))
         return real_recall(probs_fn, key_range, reused_BSK, topk, num_keys, chunk)
 
-    def term_spy(aq, k, lse, rows, ascale, iq, ik, iw, *rest, **kw):
-        seen[-1]["term"].append((aq, lse, rows, iq, iw))
-        return real_term(aq, k, lse, rows, ascale, iq, ik, iw, *rest, **kw)
+    def term_spy(**kw):
+        names = ("attn_q_BSHD", "attn_lse_BSH", rows_key, "idx_q_BSID", "idx_w_BSI")
+        seen[-1]["term"].append(tuple(kw[n] for n in names))
+        return real_term(**kw)
 
     monkeypatch.setattr(attention_module, "topk_recall", recall_spy)
-    monkeypatch.setattr(attention_module, term_name, term_spy)
+    monkeypatch.setattr(ops_api, term_name, term_spy)
     runs = {}
     for eval_rows in (0, SEQ // 4):
         seen.append({"recall": [], "term": []})

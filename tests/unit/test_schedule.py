@@ -50,7 +50,8 @@ def test_roles_match_megatron(freq: int, offset: int) -> None:
     )
 
     n = 23
-    s = IndexCacheSchedule.from_megatron(n, freq, offset, num_mtp_layers=1)
+    # Megatron-Core clamps dsa_indexer_skip_topk_offset to >= 1 (is_dsa_skip_topk_layer).
+    s = IndexCacheSchedule.from_freq_offset(n, freq, max(offset, 1), num_mtp_layers=1)
     for i in range(n + 1):
         assert s.is_full(i) == (not is_dsa_skip_topk_layer(i + 1, offset, freq)), i
         if i < n:
@@ -66,14 +67,6 @@ def test_hf_default_offset_is_two_when_missing() -> None:
         == GlmMoeDsaConfig(num_hidden_layers=12, index_topk_freq=3).indexer_types
     )
     assert s.index_skip_topk_offset == 2
-
-
-def test_megatron_clamps_offset_zero_to_one() -> None:
-    assert (
-        IndexCacheSchedule.from_megatron(8, 2, None).indexer_types
-        == IndexCacheSchedule.from_freq_offset(8, 2, 1).indexer_types
-    )
-    assert IndexCacheSchedule.from_megatron(8, 2, 0).index_skip_topk_offset == 1
 
 
 def test_our_yaml_requires_offset() -> None:

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from indexcache_train.model.presets import preset_hf_config
 from indexcache_train.model.toy_configs import glm5_toy_hf_config
 from indexcache_train.schedule import IndexCacheSchedule, ScheduleError, rule_is_full
+from indexcache_train.schedule.hf_keys import ENGINE_DEFAULT_OFFSET, SCHEDULE_KEYS
 from indexcache_train.tools import serve_config
 from indexcache_train.tools.__main__ import main
-from indexcache_train.tools.presets import PRESETS
 from indexcache_train.tools.serve_config import (
-    ENGINE_DEFAULT_OFFSET,
     ENGINES,
-    SCHEDULE_KEYS,
     check_round_trip,
     serve_overrides,
 )
@@ -200,7 +199,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 def test_cli_single_engine_prints_one_json_line(capsys):
     rc, out, _ = _run(capsys, "--model", "glm5.2", "--engine", "sglang")
     assert rc == 0 and out.count("\n") == 1
-    expected = IndexCacheSchedule.from_hf_config(PRESETS["glm5.2"])
+    expected = IndexCacheSchedule.from_hf_config(preset_hf_config("glm5.2"))
     assert (
         json.loads(out)
         == serve_overrides(expected, ("sglang",), indexer_rope_interleave=True)["sglang"]
@@ -286,7 +285,7 @@ def test_cli_bad_input_exits_2_before_writing(capsys, tmp_path, argv, message):
     (no_layers / "config.json").write_text(json.dumps({"model_type": "glm_moe_dsa"}))
     glm52 = tmp_path / "glm52"
     glm52.mkdir()
-    (glm52 / "config.json").write_text(json.dumps(PRESETS["glm5.2"]))
+    (glm52 / "config.json").write_text(json.dumps(preset_hf_config("glm5.2")))
     paths = {"NOHF": tmp_path / "missing", "NOLAYERS": no_layers, "GLM52": glm52}
     argv = [str(paths.get(a, a)) for a in argv]
     out_dir = tmp_path / "out"

@@ -233,8 +233,13 @@ def check_sparse_mla(
     key_range: KeyRange | None,
     device: torch.device | str,
     seed: int = 0,
+    make_indices=None,
 ) -> dict[str, float]:
-    """Errors of ``impl(q, kv, idx, scale, v_dim) -> (out, lse)`` forward and backward."""
+    """Errors of ``impl(q, kv, idx, scale, v_dim) -> (out, lse)`` forward and backward.
+
+    ``make_indices(B, S, K, device, key_range, generator)`` draws the indices (default: random
+    stratified, :func:`causal_topk_indices`).
+    """
     from indexcache_train.ops.sparse_mla_reference import sparse_mla_reference
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -242,7 +247,7 @@ def check_sparse_mla(
     dout = _fresh((B, S, H, V), device, gen)
     if key_range is None:
         key_range = KeyRange.causal(B, S, device)
-    idx = causal_topk_indices(B, S, K, device, key_range, gen)
+    idx = (make_indices or causal_topk_indices)(B, S, K, device, key_range, gen)
     scale = D**-0.5
     q_l, kv_l = q.clone().requires_grad_(), kv.clone().requires_grad_()
     out, lse = impl(q_l, kv_l, idx, scale, V)

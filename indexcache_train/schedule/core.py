@@ -1,7 +1,9 @@
-"""The IndexCache schedule: which layers are Full (own indexer) and which are Shared.
+"""The schedule core: per-layer roles (Full / Shared), each Shared layer's source, share groups.
 
 Pure Python; imports neither torch nor Megatron (a layering test enforces this), so the pipeline
 guard, the checkpoint tools and the config validation can all use it before anything is built.
+Ecosystem conventions (key names, precedence, default offsets) live in adapters:
+:mod:`indexcache_train.schedule.hf_keys` for HF / vLLM / SGLang config keys.
 
 Vocabulary (facts section 1-2, paper arXiv 2603.12201):
   * Full (``"full"``, ``F``): the layer runs its own lightning indexer and computes top-k.
@@ -16,24 +18,19 @@ Rule (HF >= 5.11, vLLM, SGLang and Megatron-Core 0.19 all agree once the offset 
 
     full(i)  <=>  max(i - offset + 1, 0) % freq == 0
 
-Offset defaults differ between ecosystems (HF/vLLM/SGLang: 2; Megatron clamps to >= 1), so this
-module never guesses: callers say which convention a config came from.
+Constructors here take roles or an explicit freq / offset; they never assume a default offset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 FULL = "full"
 SHARED = "shared"
 _CHAR_TO_TYPE = {"F": FULL, "S": SHARED}
 _TYPE_TO_CHAR = {FULL: "F", SHARED: "S"}
-
-#: Offset HF (>= 5.11), vLLM and SGLang assume when ``index_skip_topk_offset`` is absent.
-HF_DEFAULT_OFFSET = 2
-#: Megatron-Core's ``dsa_indexer_skip_topk_offset`` default (clamped to 1 by ``is_dsa_skip_topk_layer``).
-MEGATRON_DEFAULT_OFFSET = 0
 
 
 class ScheduleError(ValueError):
@@ -122,9 +119,9 @@ class IndexCacheSchedule:
         index_share_for_mtp_iteration: bool = False,
     ) -> IndexCacheSchedule:
         """Periodic schedule; MTP layer ``k`` follows the rule at global index ``num_layers + k``."""
-        _check_int("index_topk_freq", freq, minimum=1)
-        _check_int("index_skip_topk_offset", offset, minimum=0)
-        _check_int("num_hidden_layers", num_layers, minimum=1)
+        check_int("index_topk_freq", freq, minimum=1)
+        check_int("index_skip_topk_offset", offset, minimum=0)
+        check_int("num_hidden_layers", num_layers, minimum=1)
         types = [FULL if rule_is_full(i, freq, offset) else SHARED for i in range(num_layers)]
         mtp = [
             FULL if rule_is_full(num_layers + k, freq, offset) else SHARED
@@ -230,71 +227,28 @@ class IndexCacheSchedule:
             index_share_for_mtp_iteration=index_share_for_mtp_iteration,
         )
 
+    # ------------------------------------------------------------------ HF config keys
     @classmethod
     def from_hf_config(
         cls, config: Mapping[str, object], num_mtp_layers: int | None = None
     ) -> IndexCacheSchedule:
-        """Read HF / vLLM / SGLang keys. A missing ``index_skip_topk_offset`` means 2 here.
+        """Read HF / vLLM / SGLang ``config.json`` keys (:func:`.hf_keys.read_hf_config`)."""
+        from indexcache_train.schedule import hf_keys  # the adapter builds on this module
 
-        Precedence: ``indexer_types`` > ``index_topk_pattern`` > freq/offset. A lower-precedence
-        key is an error only when it was given explicitly and disagrees. ``index_topk_freq: 1`` is
-        the engines' "disabled" default and never conflicts with a pattern or list (our own
-        export writes it beside a non-periodic pattern on purpose).
-        """
-        if "num_hidden_layers" not in config:
-            raise ScheduleError("config has no num_hidden_layers; cannot size the schedule.")
-        n = int(config["num_hidden_layers"])  # type: ignore[arg-type]
-        if num_mtp_layers is None:
-            num_mtp_layers = int(config.get("num_nextn_predict_layers") or 0)  # type: ignore[arg-type]
-        share_mtp = bool(config.get("index_share_for_mtp_iteration", False))
-        return _resolve(config, n, num_mtp_layers, HF_DEFAULT_OFFSET, share_mtp, source="HF config")
+        return hf_keys.read_hf_config(config, num_mtp_layers)
 
     @classmethod
-    def from_megatron(
-        cls,
-        num_layers: int,
-        dsa_indexer_topk_freq: int | None,
-        dsa_indexer_skip_topk_offset: int | None,
-        num_mtp_layers: int = 0,
-    ) -> IndexCacheSchedule:
-        """Megatron-Core's ``dsa_indexer_topk_freq`` / ``dsa_indexer_skip_topk_offset``.
+    def from_keys(cls, num_layers: int, num_mtp_layers: int = 0, **keys: Any) -> IndexCacheSchedule:
+        """Our YAML's schedule keys (:func:`.hf_keys.read_yaml_keys`: no default offset)."""
+        from indexcache_train.schedule import hf_keys
 
-        Megatron clamps the offset to at least 1 (``is_dsa_skip_topk_layer``); we do the same.
-        """
-        freq = 1 if dsa_indexer_topk_freq is None else dsa_indexer_topk_freq
-        offset = (
-            MEGATRON_DEFAULT_OFFSET
-            if dsa_indexer_skip_topk_offset is None
-            else dsa_indexer_skip_topk_offset
-        )
-        _check_int("dsa_indexer_skip_topk_offset", offset, minimum=0)
-        return cls.from_freq_offset(num_layers, freq, max(offset, 1), num_mtp_layers)
+        return hf_keys.read_yaml_keys(num_layers, num_mtp_layers, **keys)
 
-    @classmethod
-    def from_keys(
-        cls,
-        num_layers: int,
-        num_mtp_layers: int = 0,
-        *,
-        index_topk_freq: int | None = None,
-        index_skip_topk_offset: int | None = None,
-        index_topk_pattern: str | None = None,
-        indexer_types: Sequence[str] | None = None,
-        index_share_for_mtp_iteration: bool = False,
-    ) -> IndexCacheSchedule:
-        """Our own YAML: same precedence as HF, but a freq > 1 must come with an explicit offset."""
-        keys: dict[str, object] = {"num_hidden_layers": num_layers}
-        for k, v in (
-            ("index_topk_freq", index_topk_freq),
-            ("index_skip_topk_offset", index_skip_topk_offset),
-            ("index_topk_pattern", index_topk_pattern),
-            ("indexer_types", indexer_types),
-        ):
-            if v is not None:
-                keys[k] = v
-        return _resolve(
-            keys, num_layers, num_mtp_layers, None, index_share_for_mtp_iteration, source="config"
-        )
+    def to_hf_config(self) -> dict[str, object]:
+        """Schedule keys for an exported ``config.json`` (:func:`.hf_keys.write_hf_config`)."""
+        from indexcache_train.schedule import hf_keys
+
+        return hf_keys.write_hf_config(self)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -345,26 +299,6 @@ class IndexCacheSchedule:
     def is_periodic(self) -> bool:
         return self.index_topk_freq is not None
 
-    def to_hf_config(self) -> dict[str, object]:
-        """Schedule keys for an exported ``config.json`` (every key explicit, no defaults relied on).
-
-        Periodic: ``indexer_types`` + freq/offset, ``index_topk_pattern: null``. Otherwise the
-        pattern with ``index_topk_freq: 1``, so an engine that ignores the pattern builds every
-        layer Full and then fails loudly on the missing Shared-layer indexers instead of
-        silently running a wrong schedule.
-        """
-        out: dict[str, object] = {"indexer_types": list(self.indexer_types)}
-        if self.is_periodic:
-            out["index_topk_freq"] = self.index_topk_freq
-            out["index_skip_topk_offset"] = self.index_skip_topk_offset
-            out["index_topk_pattern"] = None
-        else:
-            out["index_topk_freq"] = 1
-            out["index_skip_topk_offset"] = 1
-            out["index_topk_pattern"] = self.pattern
-        out["index_share_for_mtp_iteration"] = self.index_share_for_mtp_iteration
-        return out
-
     def describe(self) -> str:
         n_full = len(self.trunk_full_layers)
         kind = (
@@ -387,7 +321,7 @@ class IndexCacheSchedule:
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_int(key: str, value: object, minimum: int) -> None:
+def check_int(key: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ScheduleError(f"{key} must be an integer, got {value!r}.")
     if value < minimum:
@@ -414,91 +348,3 @@ def _find_period(trunk: Sequence[str], mtp: Sequence[str], n: int) -> tuple[int,
         if ok:
             return freq, offset
     return None
-
-
-def _resolve(
-    keys: Mapping[str, object],
-    n: int,
-    num_mtp: int,
-    default_offset: int | None,
-    share_mtp: bool,
-    source: str,
-) -> IndexCacheSchedule:
-    types = keys.get("indexer_types")
-    pattern = keys.get("index_topk_pattern")
-    freq = keys.get("index_topk_freq")
-    offset = keys.get("index_skip_topk_offset")
-    periodic: IndexCacheSchedule | None = None
-    if freq is not None:
-        _check_int("index_topk_freq", freq, minimum=1)
-        # freq 1 is every engine's "disabled" default: all Full, and never in conflict with a
-        # pattern or list (our own export writes it beside a non-periodic pattern on purpose).
-        if freq > 1:  # type: ignore[operator]
-            if offset is None:
-                if default_offset is None:
-                    raise ScheduleError(
-                        f"{source}: index_topk_freq={freq} needs an explicit "
-                        "index_skip_topk_offset (HF, vLLM and SGLang assume 2, Megatron 1). "
-                        "Fix: set it, e.g. 3 for GLM-5.2."
-                    )
-                offset = default_offset
-            periodic = IndexCacheSchedule.from_freq_offset(
-                n,
-                freq,
-                offset,
-                num_mtp,
-                index_share_for_mtp_iteration=share_mtp,  # type: ignore[arg-type]
-            )
-    from_pattern = (
-        IndexCacheSchedule.from_pattern(
-            pattern, n, num_mtp, index_share_for_mtp_iteration=share_mtp
-        )
-        if pattern is not None
-        else None
-    )
-    if types is not None:
-        chosen = IndexCacheSchedule.from_indexer_types(
-            types,
-            n,
-            num_mtp,
-            index_share_for_mtp_iteration=share_mtp,  # type: ignore[arg-type]
-        )
-        _agree(chosen, from_pattern, "indexer_types", "index_topk_pattern", source)
-        _agree(chosen, periodic, "indexer_types", "index_topk_freq/index_skip_topk_offset", source)
-        return _mtp_from_rule(chosen, periodic, len(types) == n)  # type: ignore[arg-type]
-    if from_pattern is not None:
-        _agree(
-            from_pattern,
-            periodic,
-            "index_topk_pattern",
-            "index_topk_freq/index_skip_topk_offset",
-            source,
-        )
-        return _mtp_from_rule(from_pattern, periodic, len(pattern) == n)  # type: ignore[arg-type]
-    if periodic is not None:
-        return periodic
-    return IndexCacheSchedule.all_full(n, num_mtp, index_share_for_mtp_iteration=share_mtp)
-
-
-def _mtp_from_rule(
-    chosen: IndexCacheSchedule, periodic: IndexCacheSchedule | None, trunk_only: bool
-) -> IndexCacheSchedule:
-    """A trunk-length list/pattern says nothing about MTP layers; when freq/offset were given
-    too (and agree on the trunk), MTP layer k follows their rule at global index N+k."""
-    return periodic if periodic is not None and trunk_only else chosen
-
-
-def _agree(
-    chosen: IndexCacheSchedule,
-    other: IndexCacheSchedule | None,
-    winner: str,
-    loser: str,
-    source: str,
-) -> None:
-    if other is None or other.indexer_types == chosen.indexer_types:
-        return
-    diff = [i for i, (a, b) in enumerate(zip(chosen.indexer_types, other.indexer_types)) if a != b]
-    raise ScheduleError(
-        f"{source}: {winner} ({chosen.pattern}) disagrees with {loser} ({other.pattern}) at "
-        f"layer(s) {diff[:8]}. Fix: remove {loser} or make it match {winner}."
-    )

@@ -1,12 +1,12 @@
-"""Test and benchmark helpers for the fused distillation-loss kernels (:mod:`.triton_distill`).
+"""Test and benchmark helpers for the fused distillation-loss kernels (``ops/triton_distill.py``).
 
-Accuracy bar (same as the other kernels, :mod:`.triton_testing`): the kernel's error against the
-fp32 PyTorch reference (:func:`indexcache_train.loss.terms.sparse_term` / ``dense_term`` with
-``backend="torch"`` on fp32 copies of the same bf16 inputs) must be at most twice that of *the
-same computation in PyTorch bf16* (bf16 tensors throughout: the head-summed target, the indexer
-logits, log-softmax, the KL and autograd's gradients, ``dk`` accumulated in bf16 over query
-chunks as a bf16 step would). The ``*_bf16`` functions here are that computation; they are
-chunked over query rows (test-sized inputs only).
+Accuracy bar (same as the other kernels, :mod:`tests.helpers.kernel_testing`): the kernel's error
+against the fp32 PyTorch reference (:func:`indexcache_train.ops.api.sparse_distill` /
+``dense_distill`` with ``backend="torch"`` on fp32 copies of the same bf16 inputs) must be at
+most twice that of *the same computation in PyTorch bf16* (bf16 tensors throughout: the
+head-summed target, the indexer logits, log-softmax, the KL and autograd's gradients, ``dk``
+accumulated in bf16 over query chunks as a bf16 step would). The ``*_bf16`` functions here are
+that computation; they are chunked over query rows (test-sized inputs only).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from indexcache_train.ops.masking import KeyRange
-from indexcache_train.ops.triton_testing import causal_topk_indices, rel_err
+from tests.helpers.kernel_testing import causal_topk_indices, rel_err
 
 EPS = 1e-10
 BF16 = torch.bfloat16
@@ -166,9 +166,11 @@ def dense_term_bf16(
 # ----------------------------------------------------------------------------- checks
 
 
-def _loss_and_grads(term: Term, attn: tuple, iq, ik, iw, iscale) -> tuple[torch.Tensor, ...]:
-    leaves = [x.detach().clone().requires_grad_() for x in (iq, ik, iw)]
-    loss = term(*attn, *leaves, iscale)
+def _loss_and_grads(term: Term, attn: dict, iq, ik, iw, iscale) -> tuple[torch.Tensor, ...]:
+    """``term(**attn, idx_q_BSID=..., ...)``: the API's (and the kernels') keyword names."""
+    q, k, w = [x.detach().clone().requires_grad_() for x in (iq, ik, iw)]
+    loss = term(**attn, idx_q_BSID=q, idx_k_BTD=k, idx_w_BSI=w, idx_scale=iscale)
+    leaves = [q, k, w]
     grads = torch.autograd.grad(loss, leaves)
     return (loss.detach(), *grads)
 
@@ -199,7 +201,8 @@ def check_sparse(
     seed: int = 0,
     empty_rows: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """Errors of ``impl(aq, akv, alse, topk, ascale, iq, ik, iw, iscale)`` (loss and grads).
+    """Errors of ``impl(attn_q_BSHD=, attn_kv_BTD=, attn_lse_BSH=, topk_BSK=, attn_scale=,
+    idx_q_BSID=, idx_k_BTD=, idx_w_BSI=, idx_scale=)`` (loss and grads); ``ref_impl`` alike.
 
     ``empty_rows`` ``(a, b)``: those rows' top-k slots are all ``-1`` (LSE ``-inf``).
     """
@@ -212,10 +215,10 @@ def check_sparse(
         idx[:, empty_rows[0] : empty_rows[1]] = -1
     ascale, iscale = Da**-0.5, D**-0.5
     lse = topk_lse(aq, akv, idx, ascale)
-    got = _loss_and_grads(impl, (aq, akv, lse, idx, ascale), iq, ik, iw, iscale)
-    ref = _loss_and_grads(
-        ref_impl, (aq.float(), akv.float(), lse, idx, ascale), iq.float(), ik.float(), iw, iscale
-    )
+    attn = dict(attn_q_BSHD=aq, attn_kv_BTD=akv, attn_lse_BSH=lse, topk_BSK=idx, attn_scale=ascale)
+    got = _loss_and_grads(impl, attn, iq, ik, iw, iscale)
+    attn_f = {**attn, "attn_q_BSHD": aq.float(), "attn_kv_BTD": akv.float()}
+    ref = _loss_and_grads(ref_impl, attn_f, iq.float(), ik.float(), iw, iscale)
     bf = sparse_term_bf16(aq, akv, lse, idx, ascale, iq, ik, iw, iscale)
     res = _compare(got, ref, bf)
     res["rows_with_empty_slots"] = float((idx < 0).any(-1).sum())
@@ -241,17 +244,18 @@ def check_dense(
     device: torch.device | str,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Errors of ``impl(aq, ak, alse, key_range, ascale, iq, ik, iw, iscale)`` (loss and grads)."""
+    """Errors of ``impl(attn_q_BSHD=, attn_k_BTHD=, attn_lse_BSH=, key_range=, attn_scale=,
+    idx_q_BSID=, ...)`` (loss and grads; keywords as in :func:`check_sparse`)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     aq, ak = _randn((B, S, H, Dqk), device, gen), _randn((B, T, H, Dqk), device, gen)
     iq, ik, iw = indexer_inputs(B, S, T, I, D, device, gen)
     kr = key_range or KeyRange.causal(B, S, device)
     ascale, iscale = Dqk**-0.5, D**-0.5
     lse = dense_lse(aq, ak, kr, ascale)
-    got = _loss_and_grads(impl, (aq, ak, lse, kr, ascale), iq, ik, iw, iscale)
-    ref = _loss_and_grads(
-        ref_impl, (aq.float(), ak.float(), lse, kr, ascale), iq.float(), ik.float(), iw, iscale
-    )
+    attn = dict(attn_q_BSHD=aq, attn_k_BTHD=ak, attn_lse_BSH=lse, key_range=kr, attn_scale=ascale)
+    got = _loss_and_grads(impl, attn, iq, ik, iw, iscale)
+    attn_f = {**attn, "attn_q_BSHD": aq.float(), "attn_k_BTHD": ak.float()}
+    ref = _loss_and_grads(ref_impl, attn_f, iq.float(), ik.float(), iw, iscale)
     bf = dense_term_bf16(aq, ak, lse, kr, ascale, iq, ik, iw, iscale)
     res = _compare(got, ref, bf)
     empty = kr.num_valid().expand(B, S) == 0
