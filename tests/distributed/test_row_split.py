@@ -1,4 +1,4 @@
-"""RowSplit's collectives on 2 and 4 gloo processes: the per-slice reduction (one
+"""RowSplit's collectives on 2 gloo processes: the per-slice reduction (one
 reduce-scatter for equal widths, one reduce per slice for ragged ones, empty slices skipped),
 the all-reduce without sequence parallelism, and the row all-gather."""
 
@@ -59,7 +59,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2])  # 4 ranks: the TP4+SP equivalence scenarios
 def test_row_split_collectives(world: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         init = f"file://{os.path.join(d, 'store')}"
