@@ -456,7 +456,8 @@ def source_result(src, edges, sums, counts, recall, probe_scores) -> dict[str, A
 
 
 def probe_summary(probe_scores: list[tuple[Probe, dict[str, float]]]) -> dict[str, Any]:
-    """Per kind: mean NLL / accuracy / exact over all probes and per depth or distance."""
+    """Per kind: mean NLL / accuracy / exact (copy: and ``nll_first``) over all probes and per
+    depth or distance."""
     out: dict[str, Any] = {}
     for kind in ("passkey", "copy"):
         mine = [(p, s) for p, s in probe_scores if p.kind == kind]
@@ -467,7 +468,7 @@ def probe_summary(probe_scores: list[tuple[Probe, dict[str, float]]]) -> dict[st
             by.setdefault(f"{p.param:g}", []).append(s)
 
         def mean(rows: list[dict[str, float]]) -> dict[str, float]:
-            return {k: sum(r[k] for r in rows) / len(rows) for k in ("nll", "acc", "exact")}
+            return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
         out[kind] = {
             **mean([s for _, s in mine]),

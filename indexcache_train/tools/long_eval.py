@@ -18,7 +18,9 @@ Conventions:
   token accuracy and exact match (every key token is the greedy prediction).
 * Copy probe: filler with a random span of ``L`` tokens at ``s1`` and again at ``s2 = s1 + d``
   (``d`` = distance, start to start), the second copy ending the probe. Scored on the second
-  copy's tokens after its first (the first has no cue): mean NLL and token accuracy.
+  copy's tokens after its first (the first has no cue): mean NLL and token accuracy; and, as
+  the no-cue control, the mean NLL of the same tokens in the first copy (``nll_first``): the
+  gap between the two is what the earlier occurrence is worth (0 for a model that cannot copy).
 
 Shape legend: B batch, S query rows, V vocabulary, N buckets.
 """
@@ -262,15 +264,20 @@ def copy_probe(length: int, distance: int, span: int, vocab: ProbeVocab, seed: i
 
 
 def score_probe(probe: Probe, nll_S: torch.Tensor, pred_S: torch.Tensor) -> dict[str, float]:
-    """``{"nll", "acc", "exact"}`` of a probe from the per-row scores of a forward over
-    ``probe.tokens[:-1]`` (row ``p`` predicts token ``p + 1``)."""
+    """``{"nll", "acc", "exact"}`` (copy probes also ``"nll_first"``) of a probe from the
+    per-row scores of a forward over ``probe.tokens[:-1]`` (row ``p`` predicts token ``p + 1``)."""
     import torch
 
     rows = slice(probe.target_start - 1, probe.target_start - 1 + probe.target_len)
     targets = torch.tensor(probe.tokens[probe.target_start :][: probe.target_len])
     hit = pred_S[rows].cpu() == targets
-    return {
+    out = {
         "nll": float(nll_S[rows].double().mean()),
         "acc": float(hit.double().mean()),
         "exact": float(bool(hit.all())),
     }
+    if probe.kind == "copy":  # the same span tokens in the first copy, predicted without a cue
+        out["nll_first"] = float(
+            nll_S[probe.anchor : probe.anchor + probe.target_len].double().mean()
+        )
+    return out

@@ -80,6 +80,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="sequences per batch (default 1)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    # bfloat16: the served precision, the one the GPU kernels are tuned and tested in.
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--out", type=Path, required=True, help="output directory (resumed if present)")
     p.set_defaults(func=run)
 
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             "batches": args.batches,
             "batch_size": args.batch_size,
             "seq": args.seq,
+            "dtype": args.dtype,
         }
         args.out.mkdir(parents=True, exist_ok=True)
         print(f"search: {label}, {n} layers -> {args.target_full} Full, {args.blocks} block(s)")
@@ -268,6 +271,7 @@ class _ModelEvaluator:
         from indexcache_train.tools import model_io
 
         self.batches = batches
+        self.dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         vocab_needed = int(max(int(b.max()) for b in batches)) + 1
         use_cuda = args.device == "cuda" or (args.device == "auto" and compat.has_cuda())
         self.device = torch.device("cuda" if use_cuda else "cpu")
@@ -308,7 +312,7 @@ class _ModelEvaluator:
         from indexcache_train.tools.model_io import build_loaded
 
         cfg = self._model_config(pattern)
-        model = build_loaded(cfg, self.weights, torch.float32).to(self.device)
+        model = build_loaded(cfg, self.weights, self.dtype).to(self.device)
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in self.batches:

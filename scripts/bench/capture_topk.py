@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, as _common does
 
 
 def capture(model, cfg, tokens_BS: torch.Tensor, topk: int, layers: list[int]) -> dict:

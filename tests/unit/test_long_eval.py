@@ -177,6 +177,13 @@ def test_probe_scores_match_brute_force(kind: str) -> None:
     assert got["nll"] == pytest.approx(want_nll / len(rows))
     assert got["acc"] == pytest.approx(hits / len(rows))
     assert got["exact"] == 0.0
+    if kind == "copy":  # the no-cue control: the same span tokens in the first copy
+        first = range(p.anchor, p.anchor + p.target_len)
+        assert [p.tokens[r + 1] for r in first] == [p.tokens[r + 1] for r in rows]
+        want_first = sum(float(nll[r]) for r in first) / len(rows)
+        assert got["nll_first"] == pytest.approx(want_first)
+    else:
+        assert "nll_first" not in got
     logits[rows[-1], targets[rows[-1]]] += 50.0
     assert score_probe(p, *token_scores(logits, targets))["exact"] == 1.0
 
@@ -320,6 +327,7 @@ def test_cli_end_to_end_two_schedules(
         "0.9",
     }
     assert probes["copy"]["count"] == 2 and set(probes["copy"]["by_param"]) == {"16"}
+    assert "nll_first" in probes["copy"] and "nll_first" not in probes["passkey"]
     assert all(0.0 <= probes[k]["acc"] <= 1.0 for k in ("passkey", "copy"))
     # Outputs exist: refused without --overwrite.
     assert _cli(*argv) == 2

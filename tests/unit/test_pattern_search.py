@@ -250,6 +250,26 @@ def test_cli_search_on_a_toy_writes_log_result_and_png(tmp_path: Path, capsys) -
     assert "0 evaluation(s) this run, 2 commit(s) resumed" in capsys.readouterr().out
 
 
+def test_cli_search_runs_in_the_dtype_asked_and_logs_it(tmp_path: Path, capsys) -> None:
+    """``--dtype bfloat16`` (the GPU kernels' precision) changes the losses, and a log written in
+    one precision is not resumed in the other (its cached losses would be the wrong ones)."""
+    from indexcache_train.tools.__main__ import main
+
+    argv = ["search", "--model", "glm5_toy", "--seed", "0", "--target-full", "3"]
+    argv += ["--data", "default", "--batches", "1", "--seq", "32"]
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main([*argv, "--dtype", dtype, "--out", str(tmp_path / dtype)]) == 0
+        runs[dtype] = json.loads((tmp_path / dtype / "result.json").read_text())
+        header = json.loads((tmp_path / dtype / "search_log.jsonl").read_text().splitlines()[0])
+        assert header["meta"]["dtype"] == dtype
+    fp32, bf16 = (runs[d]["baseline_loss"] for d in ("float32", "bfloat16"))
+    assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=2e-2)
+    capsys.readouterr()
+    assert main([*argv, "--dtype", "bfloat16", "--out", str(tmp_path / "float32")]) == 2
+    assert "another search" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra,match",
     [

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The Table-3 protocol (issue #24) in one device call: one GPU, <= 480 s, report into $OUT.
+#   source .whl/prelude.sh && bash scripts/experiments/table3.sh "$OUT"
+# Needs .devdata/corpus_v1 (or CORPUS_V1_DIR): python scripts/build_default_corpus.py
+#   --full .devdata/corpus_v1 --max-train-tokens 8000000. Extra arguments go to table3.py
+#   (e.g. --arm-steps 12,12 to fix the arm steps instead of sizing them to the budget).
+# Exit status: table3.py's (0 complete, 3 partial, 2 refused, 1 error); the table is printed.
+set -u
+OUT=${1:-${OUT:-outputs/table3}}
+shift $(($# > 0 ? 1 : 0))
+export PYTHONUNBUFFERED=1 CORPUS_V1_DIR=${CORPUS_V1_DIR:-.devdata/corpus_v1}
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader || true
+# The outer limit stops the driver with SIGTERM (it stops its jobs and writes what finished)
+# well inside the device's 600 s per command.
+timeout -s TERM "${T_TABLE3:-540}" python3 scripts/experiments/table3.py --out "$OUT" \
+  --overwrite "$@"
+rc=$?
+if [ -f "$OUT/table.md" ]; then cat "$OUT/table.md"; fi
+ls -l "$OUT"
+exit "$rc"
