@@ -36,6 +36,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from indexcache_train.loss.autoscaler import attach_loss
+from indexcache_train.loss.eval_sample import MeasuredRows
 from indexcache_train.loss.recall import head_sum_probs_all_keys, topk_recall
 from indexcache_train.model.dims import MLADims
 from indexcache_train.model.forward_state import DSAForwardState
@@ -43,7 +44,7 @@ from indexcache_train.model.rope import RotaryTables, apply_rope
 from indexcache_train.ops import api as ops
 from indexcache_train.ops.distill_reference import head_sum_probs_dense
 from indexcache_train.ops.masking import KeyRange
-from indexcache_train.ops.tp import tp_sum
+from indexcache_train.ops.row_split import RowSplit
 from indexcache_train.parallel.context_parallel import gather_sequence
 from indexcache_train.schedule import IndexCacheSchedule
 
@@ -125,6 +126,8 @@ class DSASelfAttention(MegatronModule):
             raise ValueError(f"num_attention_heads={dims.num_heads} not divisible by TP={tp_size}")
         self.heads = dims.num_heads // tp_size
         self.sequence_parallel = bool(config.sequence_parallel) and tp_size > 1
+        # The indexer and the distillation terms run on this rank's own rows under SP.
+        self.row_split = RowSplit.build(self.tp_group, self.sequence_parallel)
         cp = getattr(pg_collection, "cp", None)
         # Context parallel: queries stay local, keys (latent KV, RoPE keys, indexer keys) are
         # all-gathered over the CP group in natural order (indexcache_train.parallel.context_parallel).
@@ -225,7 +228,6 @@ class DSASelfAttention(MegatronModule):
         q = self.linear_q_up_proj(q_lat)[0]  # column-parallel: gathers SP rows itself
         S, B = q.shape[:2]
         q_SBHD = q.view(S, B, self.heads, dims.qk_head_dim)
-        x_full, qr_full = self._gather_rows(hidden_states), self._gather_rows(q_lat)
         k_pe = self._gather_rows(k_pe)
 
         cos, sin = dsa_state.rotary(self.rotary, q.dtype)
@@ -241,7 +243,8 @@ class DSASelfAttention(MegatronModule):
             )
         key_range = dsa_state.key_range or KeyRange.causal(B, S, q.device)
 
-        step = _LayerStep(self, dsa_state, x_full, qr_full, cos, sin, key_range)
+        # The indexer reads this rank's own rows (SP-local hidden states and q latent).
+        step = _LayerStep(self, dsa_state, hidden_states, q_lat, cos, sin, key_range)
         if dsa_state.attention == "dense":
             out_BSHV = self._dense(q_nope_BSHD, q_pe_BSHR, c_kv, k_pe_BTR, step)
         else:
@@ -259,6 +262,11 @@ class DSASelfAttention(MegatronModule):
         if self.cp_group is None:
             return t_BTX
         return gather_sequence(t_BTX.transpose(0, 1), self.cp_group).transpose(0, 1)
+
+    def gather_own_keys(self, k_BND: torch.Tensor) -> torch.Tensor:
+        """Keys computed from this rank's own rows -> every key (SP, then CP; the backward
+        reduce-scatters each rank's gradient to the rows' owners)."""
+        return self.gather_keys_BT(self._gather_rows(k_BND.transpose(0, 1)).transpose(0, 1))
 
     def _column_parallel(self, linear: torch.nn.Module, x_SBX: torch.Tensor) -> torch.Tensor:
         """A column-parallel projection of rows that are already whole on every TP rank.
@@ -297,8 +305,8 @@ class DSASelfAttention(MegatronModule):
         q_BSHD = torch.cat([q_nope, q_pe], -1)
         k_BTHD = torch.cat([k_nope, k_pe_BTR[:, :, None].expand(-1, -1, self.heads, -1)], -1)
         # Dense attention needs no top-k; the recall metric does (a Shared layer: its source's).
-        topk_BSK = step.select_topk() if step.state.measure_recall else None
-        step.publish(topk_BSK)
+        topk_own = step.select_topk() if step.state.measure_recall else None
+        step.publish(topk_own)
         out, lse = ops.dense_attention(
             q_BSHD=q_BSHD,
             k_BTHD=k_BTHD,
@@ -307,30 +315,28 @@ class DSASelfAttention(MegatronModule):
             key_range=step.key_range,
             backend=self.kernel_backend,
         )
-        if topk_BSK is not None:
+        # Evaluation measures a sample of the rows (identity otherwise).
+        q_m, lse_m = step.measured.rows(q_BSHD.detach()), step.measured.rows(lse)
+        if topk_own is not None:
             step.record_recall(
-                topk_BSK,
-                lambda s0, s1, valid: head_sum_probs_dense(
-                    q_BSHD[:, s0:s1].detach(),
-                    k_BTHD.detach(),
-                    lse[:, s0:s1],
-                    valid,
-                    d.softmax_scale,
+                topk_own,
+                lambda a0, a1, valid: head_sum_probs_dense(
+                    q_m[:, a0:a1], k_BTHD.detach(), lse_m[:, a0:a1], valid, d.softmax_scale
                 ),
             )
         return step.add_term(
             out,
             lambda iq, ik, iw, scale: ops.dense_distill(
-                attn_q_BSHD=q_BSHD.detach(),
+                attn_q_BSHD=q_m,
                 attn_k_BTHD=k_BTHD.detach(),
-                attn_lse_BSH=lse,
-                key_range=step.key_range,
+                attn_lse_BSH=lse_m,
+                key_range=step.measured_range,
                 attn_scale=d.softmax_scale,
                 idx_q_BSID=iq,
                 idx_k_BTD=ik,
                 idx_w_BSI=iw,
                 idx_scale=scale,
-                tp_group=self.tp_group,
+                split=self.row_split,
                 backend=self.kernel_backend,
                 chunk=step.state.distill.chunk,
             ),
@@ -342,8 +348,10 @@ class DSASelfAttention(MegatronModule):
         w_uk_HNR, w_uv_HVR = self._kv_up_weights()
         q_abs_BSHD = torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk_HNR), q_pe], -1)
         kv_BTD = self.gather_keys_BT(torch.cat([c_kv_SBR.transpose(0, 1), k_pe_BTR], -1))
-        topk_BSK = step.select_topk()
-        step.publish(topk_BSK)
+        topk_own = step.select_topk()
+        step.publish(topk_own)
+        # The attention runs every row for this rank's heads: gather the rows' top-k.
+        topk_BSK = self.row_split.gather_rows(topk_own)
         if step.state.captured_topk is not None:
             step.state.captured_topk[self.layer_index] = topk_BSK
         lat_BSHR, lse = ops.sparse_mla(
@@ -355,27 +363,29 @@ class DSASelfAttention(MegatronModule):
             deterministic=bool(self.config.deterministic_mode),
             backend=self.kernel_backend,
         )
+        # Evaluation measures a sample of the rows (identity otherwise).
+        q_m, lse_m = step.measured.rows(q_abs_BSHD.detach()), step.measured.rows(lse)
         if step.state.measure_recall:
             step.record_recall(
-                topk_BSK,
-                lambda s0, s1, valid: head_sum_probs_all_keys(
-                    q_abs_BSHD[:, s0:s1].detach(), kv_BTD.detach(), valid, d.softmax_scale
+                topk_own,
+                lambda a0, a1, valid: head_sum_probs_all_keys(
+                    q_m[:, a0:a1], kv_BTD.detach(), valid, d.softmax_scale
                 ),
             )
         out = torch.einsum("bshr,hvr->bshv", lat_BSHR, w_uv_HVR)
         return step.add_term(
             out,
             lambda iq, ik, iw, scale: ops.sparse_distill(
-                attn_q_BSHD=q_abs_BSHD.detach(),
+                attn_q_BSHD=q_m,
                 attn_kv_BTD=kv_BTD.detach(),
-                attn_lse_BSH=lse,
-                topk_BSK=topk_BSK,
+                attn_lse_BSH=lse_m,
+                topk_BSK=step.measured.rows(topk_BSK),
                 attn_scale=d.softmax_scale,
                 idx_q_BSID=iq,
                 idx_k_BTD=ik,
                 idx_w_BSI=iw,
                 idx_scale=scale,
-                tp_group=self.tp_group,
+                split=self.row_split,
                 backend=self.kernel_backend,
                 chunk=step.state.distill.chunk,
             ),
@@ -383,13 +393,33 @@ class DSASelfAttention(MegatronModule):
 
 
 class _LayerStep:
-    """One layer's forward against the per-forward state: top-k, publishing, distillation term."""
+    """One layer's forward against the per-forward state: top-k, publishing, distillation term.
+
+    "Rows" are the attention's (every CP-local row; ``S``); "own rows" the ``N`` of them this
+    TP rank's indexer and distillation terms handle (its sequence-parallel slice, or all).
+    """
 
     def __init__(
-        self, attn: DSASelfAttention, state: DSAForwardState, x_SBH, qr_SBR, cos, sin, key_range
+        self, attn: DSASelfAttention, state: DSAForwardState, x_NBH, qr_NBR, cos, sin, key_range
     ) -> None:
         self.attn, self.state, self.key_range = attn, state, key_range
-        self.cos, self.sin = cos, sin
+        self.split = attn.row_split
+        self.own_rows = x_NBH.shape[0]
+        self.num_keys = cos.shape[1] * attn.cp_size  # all key positions (SP- and CP-gathered)
+        first = self.split.rank * self.own_rows
+        self.own_range = key_range.rows(first, first + self.own_rows)
+        self.cos, self.sin = (t[:, first : first + self.own_rows] for t in (cos, sin))
+        # Evaluation (recall, per-pair KL without gradients) measures a sample of the rows.
+        sampled = state.measure_recall and not state.distill.compute_grad
+        positions_S = key_range.query_index_BS[0]  # global positions (CP: zigzag order)
+        self.measured = (
+            MeasuredRows.build(
+                state.eval_rows, positions_S, self.num_keys, self.split.slices, self.split.rank
+            )
+            if sampled
+            else MeasuredRows()
+        )
+        self.measured_range = self.measured.key_range(key_range)
         core = attn.core_attention
         self.layer = attn.layer_index
         self.is_full = core.is_full
@@ -399,8 +429,8 @@ class _LayerStep:
         self.needs_entry = state.attention == "sparse" or mode == "multi" or state.measure_recall
         self.reads_entry = self.needs_entry and (not self.is_full or state.is_recompute)
         self.entry = state.read(self.layer) if self.reads_entry else None
-        self.x_BSH = x_SBH.detach().transpose(0, 1)
-        self.qr_BSR = qr_SBR.detach().transpose(0, 1)
+        self.x_BNH = x_NBH.detach().transpose(0, 1)
+        self.qr_BNR = qr_NBR.detach().transpose(0, 1)
         # A term is due on Full layers (multi and own_layer) and on Shared layers (multi only);
         # never in a checkpointed chunk's first pass: it is built when the chunk is recomputed.
         self.term_due = (
@@ -408,18 +438,23 @@ class _LayerStep:
         )
         self.proj = self._source_projection() if self.term_due else None
 
+    def _indexer_outputs(self, indexer, x_BNH, qr_BNR):
+        """The indexer's q, w of the own rows and its keys of every row (gathered once)."""
+        iq, ik, iw = indexer(x_BNH, qr_BNR, self.cos, self.sin)
+        return iq, self.attn.gather_own_keys(ik), iw
+
     def _source_projection(self):
         """The source indexer's (q, k, w), recomputed from its detached inputs, with grad."""
         if self.is_full:
-            indexer, x, qr = self.attn.core_attention.indexer, self.x_BSH, self.qr_BSR
+            indexer, x, qr = self.attn.core_attention.indexer, self.x_BNH, self.qr_BNR
         else:
             indexer = self.entry.indexer
             x, qr = (t.transpose(0, 1) for t in self.entry.indexer_inputs)
         with torch.set_grad_enabled(self.state.distill.compute_grad):
-            iq, ik, iw = indexer(x, qr, self.cos, self.sin)
-            return iq, self.attn.gather_keys_BT(ik), iw, indexer.softmax_scale
+            return (*self._indexer_outputs(indexer, x, qr), indexer.softmax_scale)
 
     def select_topk(self) -> torch.Tensor:
+        """The top-k of this rank's own rows (a Shared layer: its source's)."""
         if self.entry is not None:
             return self.entry.topk_BSK
         indexer = self.attn.core_attention.indexer
@@ -427,42 +462,42 @@ class _LayerStep:
             iq, ik, iw = (t.detach() for t in self.proj[:3])
         else:
             with torch.no_grad():
-                iq, ik, iw = indexer(self.x_BSH, self.qr_BSR, self.cos, self.sin)
-                ik = self.attn.gather_keys_BT(ik)
+                iq, ik, iw = self._indexer_outputs(indexer, self.x_BNH, self.qr_BNR)
         return ops.indexer_topk(
             q_BSID=iq,
             k_BTD=ik,
             w_BSI=iw,
             topk=self.attn.dims.index_topk,
             softmax_scale=indexer.softmax_scale,
-            key_range=self.key_range,
+            key_range=self.own_range,
             backend=self.attn.kernel_backend,
         )
 
-    def publish(self, topk_BSK: torch.Tensor | None) -> None:
+    def publish(self, topk_BNK: torch.Tensor | None) -> None:
+        """Own rows only, as produced: the top-k and (multi) the indexer's inputs."""
         if self.is_full and self.needs_entry and not self.state.is_recompute:
             multi = self.state.distill.mode == "multi"
-            inputs = (self.x_BSH.transpose(0, 1), self.qr_BSR.transpose(0, 1)) if multi else None
-            self.state.put(self.layer, topk_BSK, inputs, self.attn.core_attention.indexer)
+            inputs = (self.x_BNH.transpose(0, 1), self.qr_BNR.transpose(0, 1)) if multi else None
+            self.state.put(self.layer, topk_BNK, inputs, self.attn.core_attention.indexer)
 
-    def record_recall(self, topk_BSK: torch.Tensor, probs_fn) -> None:
+    def record_recall(self, topk_BNK: torch.Tensor, probs_fn) -> None:
         """Evaluation metric: recall of the top-k this layer uses against its own attention.
 
-        ``probs_fn(s0, s1, valid_BCT)`` gives this rank's heads' summed probabilities over all
-        keys; they are summed over tensor-parallel ranks so every rank ranks all heads' mass.
+        ``probs_fn(a0, a1, valid_BCT)`` gives this rank's heads' summed probabilities of the
+        attention's rows ``a0:a1`` over all keys; the rows of every slice are reduced over the
+        TP ranks onto their owner, so each rank ranks all heads' mass for its own rows.
         """
-        num_keys = (
-            self.x_BSH.shape[1] * self.attn.cp_size
-        )  # all key positions (SP- and CP-gathered)
+        num_keys, key_range = self.num_keys, self.measured_range
+        n = self.measured.count(self.own_rows)
 
-        def head_sum(s0: int, s1: int) -> torch.Tensor:
-            valid_BCT = self.key_range.rows(s0, s1).dense_mask(num_keys)
-            return tp_sum(probs_fn(s0, s1, valid_BCT), self.attn.tp_group)
+        def partial(a0: int, a1: int) -> torch.Tensor:
+            return probs_fn(a0, a1, key_range.rows(a0, a1).dense_mask(num_keys))
 
+        first = self.split.rank * n
         value = topk_recall(
-            head_sum,
-            self.key_range,
-            topk_BSK,
+            lambda s0, s1: self.split.reduced_rows(partial, s0, s1, n),
+            key_range.rows(first, first + n),
+            self.measured.own(topk_BNK),
             self.attn.dims.index_topk,
             num_keys,
             self.state.distill.chunk,
@@ -480,14 +515,17 @@ class _LayerStep:
         # Megatron divides every gradient by the global token count. Otherwise per query row of
         # the whole sequence: under CP each rank holds 1/cp of the rows and Megatron scales
         # auxiliary losses by cp, so the local sum is divided by the global row count.
-        local_rows = out_BSHV.shape[0] * out_BSHV.shape[1]
-        rows = 1 if self.attn.config.calculate_per_token_loss else local_rows * self.attn.cp_size
+        # Under SP this rank's term covers its own rows; the row count is the whole sequence's.
+        own_rows = out_BSHV.shape[0] * self.measured.count(self.own_rows)
+        all_rows = out_BSHV.shape[0] * out_BSHV.shape[1] * self.attn.cp_size
+        rows = 1 if self.attn.config.calculate_per_token_loss else all_rows
         with torch.set_grad_enabled(self.state.distill.compute_grad):
-            kl_sum = term_fn(*self.proj)
+            iq, ik, iw, scale = self.proj
+            kl_sum = term_fn(self.measured.own(iq), ik, self.measured.own(iw), scale)
             # Scaled inside the grad-enabled block: a frozen trunk runs under no_grad, and a
             # product taken there would be a graph-less constant (the indexers would not learn).
             loss = kl_sum * (weight * self.state.distill.loss_coeff / rows)
-        self.state.record_kl(source, self.layer, kl_sum.detach() / local_rows)  # per-row mean
+        self.state.record_kl(source, self.layer, kl_sum.detach() / own_rows)  # per-row mean
         if weight == 0.0 or not kl_sum.requires_grad:
             return out_BSHV
         if torch.is_grad_enabled():

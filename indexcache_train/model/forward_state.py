@@ -14,10 +14,17 @@ recompute see identical indices by construction.
 Lifetime ("only what is still needed is kept"): each entry counts the reads still to come — one
 per consumer forward, plus one per layer that runs inside a checkpointed chunk (it reads again
 when recomputed) — and is dropped when the count reaches zero.
+
+Size: an entry holds what its consumers need, sharded like its producer: the top-k of this
+rank's own rows and, for the multi-layer loss, the Full layer's detached indexer inputs of those
+rows (under sequence parallelism a TP rank's slice: 1/TP of the sequence, never the gathered
+rows). :func:`take_state_peak_bytes` reports the peak held by all live states of this process
+(the micro-batches in flight under pipelining) since the last call.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,14 +80,48 @@ class DistillSettings:
 
 @dataclass
 class _Entry:
+    #: The top-k of this rank's own rows (``[B, N, K]``).
     topk_BSK: torch.Tensor | None
-    #: Detached indexer inputs of the Full layer and the module to recompute its scores with.
+    #: Detached indexer inputs of the Full layer (own rows) and the module to recompute its
+    #: scores with.
     indexer_inputs: tuple[torch.Tensor, ...] | None
     indexer: Any
     pending: int
 
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.topk_BSK, *(self.indexer_inputs or ())]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-@dataclass
+
+class _StateMemory:
+    """Bytes held by the entries of every live state in this process, and their peak."""
+
+    def __init__(self) -> None:
+        self.states: weakref.WeakSet[DSAForwardState] = weakref.WeakSet()
+        self.peak = 0
+
+    def live(self) -> int:
+        return sum(st.entry_bytes() for st in list(self.states))
+
+    def update(self) -> None:
+        self.peak = max(self.peak, self.live())
+
+    def take_peak(self) -> int:
+        peak, self.peak = self.peak, self.live()
+        return peak
+
+
+_MEMORY = _StateMemory()
+
+
+def take_state_peak_bytes() -> int:
+    """Peak bytes of forward-state entries held at once in this process since the last call
+    (all micro-batches' states together); the next period starts from what is live now."""
+    return _MEMORY.take_peak()
+
+
+@dataclass(eq=False)  # identity semantics: states are tracked in a WeakSet
 class DSAForwardState:
     """Everything one micro-batch forward needs beyond hidden states.
 
@@ -109,10 +150,17 @@ class DSAForwardState:
     measure_recall: bool = False
     #: layer -> ``[sum of per-row recalls, rows]`` (float64), filled when ``measure_recall``.
     recall: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: Evaluation (``measure_recall`` without gradients) measures recall and the per-pair KL on
+    #: this many query rows per sequence, a fixed stratified sample (loss/eval_sample.py) that
+    #: keeps its cost bounded at long context; 0 = every row.
+    eval_rows: int = 1024
     #: Terms computed while the trunk ran without autograd (dense warm-up); see attach_pending.
     pending_losses: list[torch.Tensor] = field(default_factory=list)
     _entries: dict[TopKKey, _Entry] = field(default_factory=dict, repr=False)
     _rope_cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        _MEMORY.states.add(self)
 
     # ---------------------------------------------------------------- keys
     def key(self, layer: int) -> TopKKey:
@@ -158,6 +206,7 @@ class DSAForwardState:
         pending = len(self.schedule.consumers(layer)) + (1 if self.phase == "checkpoint" else 0)
         if pending:
             self._entries[self.key(layer)] = _Entry(topk_BSK, indexer_inputs, indexer, pending)
+            _MEMORY.update()
 
     def read(self, layer: int) -> _Entry:
         """The entry of ``layer``'s source; counts the read and drops the entry after its last."""
@@ -178,6 +227,10 @@ class DSAForwardState:
 
     def live_entries(self) -> list[TopKKey]:
         return sorted(self._entries)
+
+    def entry_bytes(self) -> int:
+        """Bytes held by this state's live entries."""
+        return sum(e.nbytes for e in self._entries.values())
 
     # ---------------------------------------------------------------- rope cache
     def rotary(

@@ -2,8 +2,9 @@
 
 Parameter names follow Megatron-Core / Megatron-Bridge (``linear_wq_b``, ``linear_wk``, ``k_norm``,
 ``linear_weights_proj``) so the HF mapping is a plain rename. The projections are replicated on
-every tensor-parallel rank (inputs are gathered first); they are tagged so Megatron averages their
-gradients over TP, which keeps them equal to the TP=1 gradients.
+every tensor-parallel rank; under sequence parallelism each rank projects its own rows (keys are
+gathered afterwards) and Megatron sums the partial gradients over TP, without SP every rank
+projects every row and Megatron averages — either way the TP=1 gradients.
 
 Inputs are always detached (facts section 3): the indexer is trained only by the distillation loss
 and never sends gradient into the trunk.
@@ -59,12 +60,15 @@ class LightningIndexer(MegatronModule):
             **linear,
         )
         self.softmax_scale = d_i**-0.5
-        # Every TP rank runs the indexer on the same gathered rows, so each computes the full
-        # gradient: average over TP (Megatron: ``average_gradients_across_tp_domain``), never sum
-        # — in particular k_norm must not keep the ``sequence_parallel`` (sum) tag our norms set.
+        # Under sequence parallelism each TP rank runs the indexer (and its distillation terms)
+        # on its own rows only (ops/row_split.py), so its gradients are partial sums: Megatron
+        # sums parameters tagged ``sequence_parallel`` over TP, as for norms under SP. Without
+        # SP every rank runs every row and holds the full gradient: average
+        # (``average_gradients_across_tp_domain``, which Megatron checks first), never sum.
+        sp = bool(config.sequence_parallel)
         for p in self.parameters():
-            p.sequence_parallel = False
-            p.average_gradients_across_tp_domain = True
+            p.sequence_parallel = sp
+            p.average_gradients_across_tp_domain = not sp
 
     def forward(
         self,

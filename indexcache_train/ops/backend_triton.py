@@ -2,9 +2,8 @@
 
 Every hook declines (:class:`~indexcache_train.ops.backends.Declined`) before any compute when
 the inputs are not on CUDA, when the kernel does not take the head dims
-(:mod:`~indexcache_train.ops.kernel_dims`), when Triton cannot be imported, or for a
-tensor-parallel case it does not handle; :func:`model_declines` applies the same rules to a model
-config. The kernel modules are imported inside the hooks, so this module (and config validation)
+(:mod:`~indexcache_train.ops.kernel_dims`) or when Triton cannot be imported;
+:func:`model_declines` applies the same rules to a model config. The kernel modules are imported inside the hooks, so this module (and config validation)
 needs neither torch nor Triton at import.
 
 =====================  ==================================================================
@@ -20,18 +19,19 @@ operator               implementation
 ``sparse_mla``         Triton forward + backward, absorbed layout, fp32 atomics for dKV
                        (:mod:`~indexcache_train.ops.triton_sparse_mla`)
 ``sparse_distill``     Triton head-summed top-k probabilities + fused KL / indexer-gradient
-                       kernel, gradients computed in the forward; TP through a ``p_reduce``
-                       hook between the two (:mod:`~indexcache_train.ops.triton_distill`)
+                       kernel, gradients computed in the forward; TP through the row split's
+                       reduction between the two (:mod:`~indexcache_train.ops.triton_distill`)
 ``dense_distill``      Triton flash-style dense KL (indexer LSE pass, head-mean target from the
-                       main LSE, g = q - p per query chunk, dq/dw and dk kernels); declines at
-                       TP > 1 (:mod:`~indexcache_train.ops.triton_distill`)
+                       main LSE, g = q - p per query chunk, dq/dw and dk kernels); one fused
+                       pass at TP = 1, head sums + reduction + KL kernel at TP > 1
+                       (:mod:`~indexcache_train.ops.triton_distill`)
 =====================  ==================================================================
 """
 
 from __future__ import annotations
 
 import importlib
-from functools import cache, partial
+from functools import cache
 from typing import TYPE_CHECKING
 
 from indexcache_train.ops import kernel_dims
@@ -39,9 +39,9 @@ from indexcache_train.ops.backends import Declined, ModelFacts
 
 if TYPE_CHECKING:
     import torch
-    import torch.distributed as dist
 
     from indexcache_train.ops.masking import KeyRange
+    from indexcache_train.ops.row_split import RowSplit
 
 
 @cache
@@ -54,22 +54,12 @@ def triton_missing() -> str | None:
     return None
 
 
-def _why_not(
-    x: torch.Tensor, dims_reason: str | None, tp_reason: str | None = None
-) -> Declined | None:
-    """The first reason, in the order cheapest to check: device, head dims, TP, Triton."""
+def _why_not(x: torch.Tensor, dims_reason: str | None) -> Declined | None:
+    """The first reason, in the order cheapest to check: device, head dims, Triton."""
     if not x.is_cuda:
         return Declined(f"inputs are on {x.device}; the kernels run on CUDA")
-    reason = dims_reason or tp_reason or triton_missing()
+    reason = dims_reason or triton_missing()
     return Declined(reason) if reason else None
-
-
-def dense_distill_tp_rule(tp_size: int) -> str | None:
-    """The dense distillation kernel never forms the ``[S, T]`` head sums a TP all-reduce would
-    need (:mod:`~indexcache_train.ops.triton_distill`), so it runs at TP = 1 only."""
-    if tp_size > 1:
-        return f"the dense distillation kernel runs at tensor-parallel size 1 only (here {tp_size})"
-    return None
 
 
 def indexer_topk(
@@ -152,21 +142,19 @@ def sparse_distill(
     idx_k_BTD: torch.Tensor,
     idx_w_BSI: torch.Tensor,
     idx_scale: float,
-    tp_group: dist.ProcessGroup | None,
+    split: RowSplit,
 ) -> torch.Tensor | Declined:
-    """Hook for :func:`indexcache_train.ops.api.sparse_distill`; any TP size: the kernel sums
-    each chunk's head sums over the TP group (``p_reduce``) before normalising them."""
+    """Hook for :func:`indexcache_train.ops.api.sparse_distill`; any TP split: the kernel sums
+    each chunk's per-slice head sums over the TP group (``split``) before normalising them."""
     dims = kernel_dims.distill_dims(attn_q_BSHD.shape[-1], idx_q_BSID.shape[-1], idx_scale)
     declined = _why_not(idx_q_BSID, dims)
     if declined:
         return declined
-    from indexcache_train.ops.tp import tp_sum
     from indexcache_train.ops.triton_distill import sparse_distill_triton
 
     return sparse_distill_triton(
         attn_q_BSHD.detach(), attn_kv_BTD.detach(), attn_lse_BSH.detach(), topk_BSK, attn_scale,
-        idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale,
-        p_reduce=None if tp_group is None else partial(tp_sum, group=tp_group),
+        idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale, split,
     )  # fmt: skip
 
 
@@ -181,20 +169,19 @@ def dense_distill(
     idx_k_BTD: torch.Tensor,
     idx_w_BSI: torch.Tensor,
     idx_scale: float,
-    tp_group: dist.ProcessGroup | None,
+    split: RowSplit,
 ) -> torch.Tensor | Declined:
-    """Hook for :func:`indexcache_train.ops.api.dense_distill` (declines at TP > 1)."""
-    from indexcache_train.ops.tp import tp_size
-
+    """Hook for :func:`indexcache_train.ops.api.dense_distill`; any TP split (the head sums
+    are reduced between two kernels at TP > 1, one fused pass at TP = 1)."""
     dims = kernel_dims.distill_dims(attn_q_BSHD.shape[-1], idx_q_BSID.shape[-1], idx_scale)
-    declined = _why_not(idx_q_BSID, dims, dense_distill_tp_rule(tp_size(tp_group)))
+    declined = _why_not(idx_q_BSID, dims)
     if declined:
         return declined
     from indexcache_train.ops.triton_distill import dense_distill_triton
 
     return dense_distill_triton(
         attn_q_BSHD.detach(), attn_k_BTHD.detach(), attn_lse_BSH.detach(), key_range, attn_scale,
-        idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale,
+        idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale, split,
     )  # fmt: skip
 
 
@@ -212,8 +199,5 @@ def model_declines(facts: ModelFacts) -> list[str]:
             kernel_dims.distill_dims(absorbed, facts.index_head_dim, 1.0),
         ]
     if "dense" in facts.attention:
-        reasons += [
-            kernel_dims.distill_dims(facts.qk_head_dim, facts.index_head_dim, 1.0),
-            dense_distill_tp_rule(facts.tensor_parallel_size),
-        ]
+        reasons.append(kernel_dims.distill_dims(facts.qk_head_dim, facts.index_head_dim, 1.0))
     return [r for r in reasons if r]

@@ -1,23 +1,25 @@
 """PyTorch reference of the two distillation terms: KL(p^(j) || q^(l)) summed over query rows.
 
-``p^(j)``: layer j's main attention summed over *all* heads (the per-rank head sums are summed
-over tensor-parallel ranks, :func:`~indexcache_train.ops.tp.tp_sum`) and L1-normalised: the
-head-mean distribution ``p_t`` of facts section 4, the same on every TP rank, so the indexer
-gradients are identical across TP ranks and Megatron's TP averaging keeps them equal to the
-TP = 1 gradients. ``q^(l)``: softmax of the Full layer l's indexer logits on the same key set
+``p^(j)``: layer j's main attention summed over *all* heads and L1-normalised: the head-mean
+distribution ``p_t`` of facts section 4. Each tensor-parallel rank holds a slice of the heads
+for every row; under sequence parallelism it computes the term for its own slice of the rows
+(:class:`~indexcache_train.ops.row_split.RowSplit`): its partial head sums for every slice's
+rows are reduced onto the slices' owners, chunk by chunk. The indexer gradients are then
+per-rank partials that Megatron sums over TP (the indexer parameters carry the
+``sequence_parallel`` tag); without sequence parallelism every rank computes every row and
+Megatron averages. ``q^(l)``: softmax of the Full layer l's indexer logits on the same key set
 (:mod:`~indexcache_train.ops.kl_reference`). Chunked: no ``[S, T]`` tensor; the targets are
-detached.
+detached and computed once per term.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from indexcache_train.ops.kl_reference import dense_kl_sum, sparse_kl_sum
 from indexcache_train.ops.masking import KeyRange, acc, chunks
+from indexcache_train.ops.row_split import RowSplit
 from indexcache_train.ops.sparse_mla_reference import _gather_BCKD
-from indexcache_train.ops.tp import tp_sum
 
 
 @torch.no_grad()
@@ -74,13 +76,21 @@ def sparse_distill_reference(
     idx_k_BTD: torch.Tensor,
     idx_w_BSI: torch.Tensor,
     idx_scale: float,
-    tp_group: dist.ProcessGroup | None = None,
+    split: RowSplit,
     chunk: int = 128,
 ) -> torch.Tensor:
     """Sparse stage: p and q over the group's shared top-k set (absorbed attention layout)."""
-    p_BSK = head_sum_probs_topk(attn_q_BSHD, attn_kv_BTD, attn_lse_BSH, topk_BSK, attn_scale, chunk)
-    p_BSK = l1_normalize(tp_sum(p_BSK, tp_group))
-    return sparse_kl_sum(p_BSK, topk_BSK, idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale, chunk)
+    q, kv, lse = attn_q_BSHD.detach(), attn_kv_BTD.detach(), attn_lse_BSH.detach()
+    n = idx_q_BSID.shape[1]
+
+    def partial(a0: int, a1: int) -> torch.Tensor:
+        return head_sum_probs_topk(q[:, a0:a1], kv, lse[:, a0:a1], topk_BSK[:, a0:a1], attn_scale)
+
+    p_BSK = torch.cat(
+        [l1_normalize(split.reduced_rows(partial, s0, s1, n)) for s0, s1 in chunks(n, chunk)], 1
+    )
+    own_topk = split.own(topk_BSK)
+    return sparse_kl_sum(p_BSK, own_topk, idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale, chunk)
 
 
 def dense_distill_reference(
@@ -94,18 +104,20 @@ def dense_distill_reference(
     idx_k_BTD: torch.Tensor,
     idx_w_BSI: torch.Tensor,
     idx_scale: float,
-    tp_group: dist.ProcessGroup | None = None,
+    split: RowSplit,
     chunk: int = 128,
 ) -> torch.Tensor:
     """Dense warm-up: p and q over every valid (causal / same-document) key, one chunk at a time."""
-    q = attn_q_BSHD.detach()
-    k = attn_k_BTHD.detach()
-    lse = attn_lse_BSH.detach()
+    q, k, lse = attn_q_BSHD.detach(), attn_k_BTHD.detach(), attn_lse_BSH.detach()
     T = k.shape[1]
+    n = idx_q_BSID.shape[1]
+
+    def partial(a0: int, a1: int) -> torch.Tensor:
+        valid = key_range.rows(a0, a1).dense_mask(T)
+        return head_sum_probs_dense(q[:, a0:a1], k, lse[:, a0:a1], valid, attn_scale)
 
     def target(s0: int, s1: int) -> torch.Tensor:
-        valid = key_range.rows(s0, s1).dense_mask(T)
-        p = head_sum_probs_dense(q[:, s0:s1], k, lse[:, s0:s1], valid, attn_scale)
-        return l1_normalize(tp_sum(p, tp_group))
+        return l1_normalize(split.reduced_rows(partial, s0, s1, n))
 
-    return dense_kl_sum(target, key_range, idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale, chunk)
+    own_range = key_range.rows(split.rank * n, split.rank * n + n)
+    return dense_kl_sum(target, own_range, idx_q_BSID, idx_k_BTD, idx_w_BSI, idx_scale, chunk)

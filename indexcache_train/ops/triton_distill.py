@@ -21,8 +21,11 @@ Sparse term (the group's shared top-k set, absorbed main attention ``q [B,S,H,57
        latent rows are gathered ``BLOCK_N`` at a time, ``exp(scale q.kv - lse_h)`` is summed over the
        head group and written to an fp32 ``[B, C, K]`` buffer (fp32 atomics when H > 64: two
        adds onto 0 are order-independent, so H <= 128 stays deterministic). Unnormalised.
-    2. Tensor parallel: the caller's ``p_reduce`` all-reduces that chunk over the TP ranks (each
-       holds a slice of the heads) -- the split exists for this; with TP = 1 it is skipped.
+    2. Tensor parallel (a ``split``, :class:`~indexcache_train.ops.row_split.RowReduction`):
+       each rank holds a slice of the heads for every row but computes the term for its own
+       slice of the rows, so step 1 runs for the chunk's rows of *every* slice (a
+       ``[slices, B, C, K]`` buffer) and ``split.reduce`` sums slice ``j`` over the TP group
+       onto rank ``j`` (one reduce-scatter); with TP = 1 there is one slice and no reduction.
     3. ``_topk_kl_kernel`` (one program per row): pass 1 gathers the row's indexer keys, forms
        ``z`` with one ``[I, D] x [D, BLOCK_N]`` product per tile and keeps an online
        log-sum-exp of ``z`` and ``sum(p)`` (the L1 norm, so normalisation happens here, after the
@@ -60,8 +63,16 @@ LSE, every key of the row's KeyRange), per chunk of ``C`` query rows and its key
     two so ``p`` is computed exactly once. Memory: ``buffer_bytes`` (constant) + O(S); no ``[S, T]``.
     The normaliser of ``p`` is the head count: each head's row sums to 1 (its LSE), so the
     head sum sums to H (the reference divides by the measured sum; they agree to the LSE's
-    rounding, ~1e-6). Tensor parallel is not handled by this kernel (it would need the
-    ``[C, W]`` head sum all-reduced): the triton backend declines TP > 1 (the PyTorch path runs).
+    rounding, ~1e-6).
+
+    Tensor parallel (``split``, as for the sparse term): step 2 is cut in two around the
+    reduction. ``_dense_g_kernel`` stage 1 writes this rank's heads' unnormalised head sum for
+    the chunk's rows of every slice, each over its own slice's key window (causal SP slices see
+    different windows), into partial buffers after the ``z`` buffer; ``split.reduce`` sums them
+    onto their owners (one reduce per slice, or one reduce-scatter when the windows agree);
+    stage 2 is step 2's epilogue reading the reduced sum (normaliser: the heads of all ranks).
+    ``C`` shrinks so ``z`` plus the ``slices`` partial buffers fit ``buffer_bytes``. With
+    TP = 1 the fused stage 0 runs and nothing else changes.
 
 Measured on the H100 (docs/benchmarks.md, GLM-5 dims, fwd + bwd): sparse 6.7 ms at 4K, 293 ms
 at 128K (18-25x the PyTorch path); dense 4.1 ms at 4K, 718 ms at 64K, 2.9 s at 128K (29-36x).
@@ -83,16 +94,15 @@ Known limits
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
 
 from indexcache_train.ops.kernel_dims import indexer_dims, split_pow2
 from indexcache_train.ops.masking import KeyRange
+from indexcache_train.ops.row_split import RowReduction
 from indexcache_train.ops.triton_common import INTERPRET, LOG2E, cast, mma
-from indexcache_train.ops.triton_indexer import _block_rows, _windows, indexer_scores_block
+from indexcache_train.ops.triton_indexer import _block_rows, indexer_scores_block
 from indexcache_train.ops.triton_sparse_mla import _last_valid_slot
 
 LOG2E_C: tl.constexpr = tl.constexpr(LOG2E)
@@ -100,8 +110,6 @@ SPARSE_BUFFER = 1 << 29  # bytes of the [B, C, K] fp32 head-sum buffer
 DENSE_BUFFER = 1 << 29  # bytes of the [B, C, W] fp32 z / g buffer
 QB_ROWS = 64  # query-row granularity of the per-block bounds the dense dk kernel reads
 CHUNK_ALIGN = 16 if INTERPRET else 128  # dense chunks hold a multiple of this many query rows
-
-PReduce = Callable[[torch.Tensor], object]
 
 
 # =============================================================================== sparse term
@@ -369,7 +377,7 @@ def _sparse_forward(
     k_BTD: torch.Tensor,
     w_BSI: torch.Tensor,
     idx_scale: float,
-    p_reduce: PReduce | None,
+    split: RowReduction | None,
     want_grad: bool,
     buffer_bytes: int,
 ):
@@ -379,36 +387,43 @@ def _sparse_forward(
         raise ValueError("sparse term expects the absorbed layout: q [B,S,H,D], kv [B,T,D]")
     if tuple(topk_BSK.shape[:2]) != (B, S) or tuple(attn_lse_BSH.shape) != (B, S, H):
         raise ValueError("topk must be [B, S, K] and the LSE [B, S, H]")
+    tp = split is not None and split.tp_size > 1
+    slices = split.slices if tp else 1
     q, k, w32 = _indexer_inputs(q_BSID, k_BTD, w_BSI, idx_scale)
-    NI, D = q.shape[2:]
+    n, NI, D = q.shape[1:]
+    if n * slices != S:
+        raise ValueError(f"{n} indexer rows per slice x {slices} slices != {S} attention rows")
     aq, akv = attn_q_BSHD.contiguous(), attn_kv_BTD.contiguous()
     lse = attn_lse_BSH.float().contiguous()
     idx = topk_BSK.to(torch.int32).contiguous()
+    own = (split.rank if tp else 0) * n
+    idx_own = idx[:, own : own + n]  # the KL kernel's rows (a view; strides passed)
     K = idx.shape[-1]
     dev = aq.device
-    kl_BS = torch.empty(B, S, dtype=torch.float32, device=dev)
+    kl_BS = torch.empty(B, n, dtype=torch.float32, device=dev)
     dq, dk32, dw32 = _grad_buffers(q, k, want_grad)
     dk_strides = dk32.stride()[:2] if want_grad else (0, 0)
     bh = min(64, max(16, triton.next_power_of_2(H)))
     n_groups = triton.cdiv(H, bh)
-    C = max(1, min(S, buffer_bytes // max(1, B * K * 4)))
-    p_flat = torch.empty(B * C * K, dtype=torch.float32, device=dev)
+    C = max(1, min(n, buffer_bytes // max(1, slices * B * K * 4)))
+    p_flat = torch.empty(slices * B * C * K, dtype=torch.float32, device=dev)
     scan = _scan(K)
-    for s0 in range(0, S, C):
-        rows = min(C, S - s0)
-        p_BCK = p_flat[: B * rows * K].view(B, rows, K)
-        p_BCK.zero_()  # slots past a row's last valid index are never written
-        _topk_probs_kernel[(rows, n_groups, B)](
-            aq, akv, lse, idx, p_BCK, attn_scale * LOG2E, H, K, s0,
-            *aq.stride()[:3], *akv.stride()[:2], *lse.stride()[:2], *idx.stride()[:2],
-            *p_BCK.stride()[:2],
-            DA=da, DB=db, BLOCK_H=bh, SCAN=scan, ATOMIC=n_groups > 1, INTERP=INTERPRET,
-        )  # fmt: skip
-        if p_reduce is not None:
-            p_reduce(p_BCK)  # TP: sum the head slices before the L1 norm (inside the KL kernel)
+    for s0 in range(0, n, C):
+        rows = min(C, n - s0)
+        parts = list(p_flat[: slices * B * rows * K].view(slices, B, rows, K))
+        for j, p_BCK in enumerate(parts):  # this rank's heads for rows s0:s0+rows of slice j
+            p_BCK.zero_()  # slots past a row's last valid index are never written
+            _topk_probs_kernel[(rows, n_groups, B)](
+                aq, akv, lse, idx, p_BCK, attn_scale * LOG2E, H, K, j * n + s0,
+                *aq.stride()[:3], *akv.stride()[:2], *lse.stride()[:2], *idx.stride()[:2],
+                *p_BCK.stride()[:2],
+                DA=da, DB=db, BLOCK_H=bh, SCAN=scan, ATOMIC=n_groups > 1, INTERP=INTERPRET,
+            )  # fmt: skip
+        # TP: sum the head slices before the L1 norm (inside the KL kernel).
+        p_BCK = split.reduce(parts) if tp else parts[0]
         _topk_kl_kernel[(rows, B)](
-            q, k, w32, idx, p_BCK, kl_BS, dq, dk32, dw32, idx_scale, NI, K, s0,
-            *q.stride()[:3], *k.stride()[:2], *w32.stride()[:2], *idx.stride()[:2],
+            q, k, w32, idx_own, p_BCK, kl_BS, dq, dk32, dw32, idx_scale, NI, K, s0,
+            *q.stride()[:3], *k.stride()[:2], *w32.stride()[:2], *idx_own.stride()[:2],
             *p_BCK.stride()[:2], kl_BS.stride(0), *dk_strides,
             D=D, BLOCK_I=max(16, triton.next_power_of_2(NI)), SCAN=scan, GRAD=want_grad,
             INTERP=INTERPRET,
@@ -474,7 +489,7 @@ def _g_configs() -> list[triton.Config]:
 
 
 # z is overwritten by g in place: autotuning must restore it between candidate runs.
-@triton.autotune(configs=_g_configs(), key=["DA", "DB"], restore_value=["z_ptr"])
+@triton.autotune(configs=_g_configs(), key=["DA", "DB", "STAGE"], restore_value=["z_ptr"])
 @triton.jit
 def _dense_g_kernel(
     aq_ptr,
@@ -484,6 +499,7 @@ def _dense_g_kernel(
     ks_ptr,
     lz_ptr,
     z_ptr,
+    p_ptr,
     klp_ptr,
     scale_log2,
     inv_h,
@@ -503,17 +519,25 @@ def _dense_g_kernel(
     stride_rb,
     stride_zb,
     stride_zs,
+    stride_pb,
+    stride_ps,
     stride_kpb,
     stride_kps,
     DA: tl.constexpr,
     DB: tl.constexpr,
     GROUP_M: tl.constexpr,
+    STAGE: tl.constexpr,
     INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One ``[BLOCK_M, BLOCK_N]`` tile: p_hat (head mean of the main attention), log q, KL
-    partial sums per row (stored per key tile), and ``g = q - p_hat`` written over ``z``."""
+    """One ``[BLOCK_M, BLOCK_N]`` tile of rows ``row0 + m`` against keys ``win_lo + n``.
+
+    ``STAGE`` 0 (fused, TP = 1): p_hat (head mean of the main attention), log q, KL partial
+    sums per row (stored per key tile), and ``g = q - p_hat`` written over ``z``.
+    ``STAGE`` 1 (TP, this rank's heads): the masked, unnormalised head sum, stored to ``p``.
+    ``STAGE`` 2 (TP, after the reduction): stage 0's epilogue with the head sum read from ``p``.
+    """
     # Grouped order: GROUP_M query blocks sweep the key tiles together, so each head's key
     # tile is fetched from HBM once per GROUP_M query blocks (row-major order: once per block;
     # 256 -> ~60 bytes per pair with 132 programs in flight).
@@ -536,50 +560,65 @@ def _dense_g_kernel(
     t = win_lo + offs_w
     n_first = win_lo + pid_n * BLOCK_N
     z_ptrs = z_ptr + b * stride_zb + offs_m.to(tl.int64)[:, None] * stride_zs + offs_w[None, :]
+    p_ptrs = p_ptr + b * stride_pb + offs_m.to(tl.int64)[:, None] * stride_ps + offs_w[None, :]
 
     g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     kl = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Tiles no row can see (causal upper triangle, other documents) only write g = 0.
+    # Tiles no row can see (causal upper triangle, other documents) only write zeros.
     if (n_first <= tl.max(qi, axis=0)) & (n_first + BLOCK_N > tl.min(ks, axis=0)):
-        offs_a = tl.arange(0, DA)
-        aq_rows = aq_ptr + b * stride_aqb + grow[:, None] * stride_aqs
-        ak_rows = ak_ptr + b * stride_akb + t.to(tl.int64)[:, None] * stride_akt
         p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for h in range(H):
-            # One head's scores: its own q and k tiles (expanded layout), its own LSE.
-            qa = tl.load(
-                aq_rows + h * stride_aqh + offs_a[None, :], mask=row_ok[:, None], other=0.0
-            )
-            ka = tl.load(
-                ak_rows + h * stride_akh + offs_a[None, :], mask=col_ok[:, None], other=0.0
-            )
-            sc = mma(qa, tl.trans(ka), INTERP)
-            if DB > 0:
-                offs_b = DA + tl.arange(0, DB)
-                qb = tl.load(
-                    aq_rows + h * stride_aqh + offs_b[None, :], mask=row_ok[:, None], other=0.0
+        if STAGE != 2:
+            offs_a = tl.arange(0, DA)
+            aq_rows = aq_ptr + b * stride_aqb + grow[:, None] * stride_aqs
+            ak_rows = ak_ptr + b * stride_akb + t.to(tl.int64)[:, None] * stride_akt
+            for h in range(H):
+                # One head's scores: its own q and k tiles (expanded layout), its own LSE.
+                qa = tl.load(
+                    aq_rows + h * stride_aqh + offs_a[None, :], mask=row_ok[:, None], other=0.0
                 )
-                kb = tl.load(
-                    ak_rows + h * stride_akh + offs_b[None, :], mask=col_ok[:, None], other=0.0
+                ka = tl.load(
+                    ak_rows + h * stride_akh + offs_a[None, :], mask=col_ok[:, None], other=0.0
                 )
-                sc += mma(qb, tl.trans(kb), INTERP)
-            lse2 = tl.load(
-                alse_ptr + b * stride_alb + grow * stride_als + h, mask=row_ok, other=0.0
-            )
-            # exp2 may overflow to inf on masked entries (future keys, lse = -inf rows): the
-            # valid mask below selects them away; no NaN can arise (no inf - inf).
-            p += tl.exp2(sc * scale_log2 - lse2[:, None] * LOG2E_C)
+                sc = mma(qa, tl.trans(ka), INTERP)
+                if DB > 0:
+                    offs_b = DA + tl.arange(0, DB)
+                    qb = tl.load(
+                        aq_rows + h * stride_aqh + offs_b[None, :],
+                        mask=row_ok[:, None],
+                        other=0.0,
+                    )
+                    kb = tl.load(
+                        ak_rows + h * stride_akh + offs_b[None, :],
+                        mask=col_ok[:, None],
+                        other=0.0,
+                    )
+                    sc += mma(qb, tl.trans(kb), INTERP)
+                lse2 = tl.load(
+                    alse_ptr + b * stride_alb + grow * stride_als + h, mask=row_ok, other=0.0
+                )
+                # exp2 may overflow to inf on masked entries (future keys, lse = -inf rows):
+                # the valid mask below selects them away; no NaN can arise (no inf - inf).
+                p += tl.exp2(sc * scale_log2 - lse2[:, None] * LOG2E_C)
         # The mask, z and log q only after the head loop: fewer registers live across it.
         valid = (t[None, :] >= ks[:, None]) & (t[None, :] <= qi[:, None]) & col_ok[None, :]
-        z = tl.load(z_ptrs, mask=valid, other=0.0)
-        lz = tl.load(lz_ptr + b * stride_rb + grow, mask=row_ok, other=0.0)
-        log_q = z - lz[:, None]
-        p_hat = tl.where(valid, p * inv_h, 0.0)
-        g = tl.where(valid, tl.exp(log_q) - p_hat, 0.0)
-        pos = valid & (p_hat > 0.0)
-        kl = tl.sum(tl.where(pos, p_hat * (tl.log(tl.where(pos, p_hat, 1.0)) - log_q), 0.0), 1)
-    tl.store(z_ptrs, g, mask=row_ok[:, None] & col_ok[None, :])
-    tl.store(klp_ptr + b * stride_kpb + offs_m * stride_kps + pid_n, kl, mask=row_ok)
+        if STAGE == 1:
+            g = tl.where(valid, p, 0.0)  # stored to p below
+        else:
+            if STAGE == 2:
+                p = tl.load(p_ptrs, mask=valid, other=0.0)
+            z = tl.load(z_ptrs, mask=valid, other=0.0)
+            lz = tl.load(lz_ptr + b * stride_rb + grow, mask=row_ok, other=0.0)
+            log_q = z - lz[:, None]
+            p_hat = tl.where(valid, p * inv_h, 0.0)
+            g = tl.where(valid, tl.exp(log_q) - p_hat, 0.0)
+            pos = valid & (p_hat > 0.0)
+            kl = tl.sum(tl.where(pos, p_hat * (tl.log(tl.where(pos, p_hat, 1.0)) - log_q), 0.0), 1)
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if STAGE == 1:
+        tl.store(p_ptrs, g, mask=tile_ok)
+    else:
+        tl.store(z_ptrs, g, mask=tile_ok)
+        tl.store(klp_ptr + b * stride_kpb + offs_m * stride_kps + pid_n, kl, mask=row_ok)
 
 
 def _dq_configs() -> list[triton.Config]:
@@ -773,6 +812,59 @@ LSE_ROWS, LSE_BLOCK = (16, 64) if INTERPRET else (4, 256)
 G_GROUP_M = 2 if INTERPRET else 8  # the interpreter tests reach a full and a partial group
 
 
+def _slice_windows(
+    qi_BS: torch.Tensor, ks_BS: torch.Tensor, slices: int, T: int, C: int
+) -> list[tuple[int, int, list[int], list[int]]]:
+    """Per chunk of ``C`` rows of each of ``slices`` equal row slices: ``(row0, row1, lo, hi)``,
+    ``lo[j]``/``hi[j]`` the key window any row of slice ``j``'s chunk sees (one host sync)."""
+    B, S = qi_BS.shape
+    n = S // slices
+    nb = triton.cdiv(n, C)
+    pad = nb * C - n
+    qi = torch.nn.functional.pad(qi_BS.view(B, slices, n), (0, pad), value=-1)
+    ks = torch.nn.functional.pad(ks_BS.view(B, slices, n), (0, pad), value=2**62)
+    hi = qi.view(B, slices, nb, C).amax(dim=(0, 3)).clamp(-1, T - 1)
+    lo = ks.view(B, slices, nb, C).amin(dim=(0, 3)).clamp(0, T)
+    lo_l, hi_l = torch.stack([lo.T, hi.T]).tolist()  # [2][nb][slices]
+    return [(s0, min(s0 + C, n), lo_l[i], hi_l[i]) for i, s0 in enumerate(range(0, n, C))]
+
+
+def _g_launch(attn, rows_BS, lz_BS, z_BCW, p_BCW, klp_BCN, row0, lo, stage):
+    """One launch of ``_dense_g_kernel`` over ``z_BCW``'s (stage 1: ``p_BCW``'s) tiles."""
+    aq, ak, alse, scale_log2, inv_h = attn
+    qi_BS, ks_BS = rows_BS
+    out = p_BCW if stage == 1 else z_BCW
+    B, rows, W = out.shape
+    da, db = split_pow2(aq.shape[-1])
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(W, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]), B)
+
+    _dense_g_kernel[grid](
+        aq, ak, alse, qi_BS, ks_BS, lz_BS, z_BCW, p_BCW, klp_BCN, scale_log2, inv_h, aq.shape[2],
+        rows, row0, lo, W, *aq.stride()[:3], *ak.stride()[:3], *alse.stride()[:2],
+        qi_BS.stride(0), z_BCW.stride(0), z_BCW.stride(1), p_BCW.stride(0), p_BCW.stride(1),
+        klp_BCN.stride(0), klp_BCN.stride(1),
+        DA=da, DB=db, GROUP_M=G_GROUP_M, STAGE=stage, INTERP=INTERPRET,
+    )  # fmt: skip
+
+
+def _reduced_head_sums(attn, rows_all, p_flat, split, chunk, n):
+    """Stage 1 for rows ``chunk`` of every slice into ``p_flat``, reduced over TP: this rank's
+    ``[B, rows, W]`` head sums (its slice's window)."""
+    s0, s1, los, his = chunk
+    B, rows = rows_all[0].shape[0], s1 - s0
+    parts, off = [], 0
+    for j, (lo, hi) in enumerate(zip(los, his)):
+        W = max(hi - lo + 1, 0)
+        part = p_flat[off : off + B * rows * W].view(B, rows, W)
+        off += part.numel()
+        if W:
+            _g_launch(attn, rows_all, part, part, part, part, j * n + s0, lo, stage=1)
+        parts.append(part)
+    return split.reduce(parts)
+
+
 def _dense_forward(
     attn_q_BSHD: torch.Tensor,
     attn_k_BTHD: torch.Tensor,
@@ -783,35 +875,47 @@ def _dense_forward(
     k_BTD: torch.Tensor,
     w_BSI: torch.Tensor,
     idx_scale: float,
+    split: RowReduction | None,
     want_grad: bool,
     buffer_bytes: int,
 ):
     B, S, H, Dqk = attn_q_BSHD.shape
     T = attn_k_BTHD.shape[1]
-    da, db = split_pow2(Dqk)
     if tuple(attn_k_BTHD.shape) != (B, T, H, Dqk) or tuple(attn_lse_BSH.shape) != (B, S, H):
         raise ValueError("dense term expects q [B,S,H,D], k [B,T,H,D], lse [B,S,H]")
     if k_BTD.shape[1] != T:
         raise ValueError("indexer keys and attention keys differ in length")
+    tp = split is not None and split.tp_size > 1
+    slices = split.slices if tp else 1
     q, k, w32 = _indexer_inputs(q_BSID, k_BTD, w_BSI, idx_scale)
-    NI, D = q.shape[2:]
+    n = q.shape[1]
+    if n * slices != S:
+        raise ValueError(f"{n} indexer rows per slice x {slices} slices != {S} attention rows")
     aq, ak = attn_q_BSHD.contiguous(), attn_k_BTHD.contiguous()
-    alse = attn_lse_BSH.float().contiguous()
+    total_heads = H * (split.tp_size if tp else 1)  # each head's row sums to 1
+    attn = (aq, ak, attn_lse_BSH.float().contiguous(), attn_scale * LOG2E, 1.0 / total_heads)
     dev = aq.device
-    qi_BS = key_range.query_index_BS.to(dev, torch.int64).expand(B, S).contiguous()
-    ks_BS = key_range.key_start_BS.to(dev, torch.int64).expand(B, S).contiguous()
-    kl_BS = torch.zeros(B, S, dtype=torch.float32, device=dev)
-    lz_BS = torch.empty(B, S, dtype=torch.float32, device=dev)
+    qi_all = key_range.query_index_BS.to(dev, torch.int64).expand(B, S).contiguous()
+    ks_all = key_range.key_start_BS.to(dev, torch.int64).expand(B, S).contiguous()
+    own = (split.rank if tp else 0) * n
+    # This rank's rows (contiguous: the kernels index lz with the rows' stride).
+    qi_BS, ks_BS = (t[:, own : own + n].contiguous() for t in (qi_all, ks_all))
+    kl_BS = torch.zeros(B, n, dtype=torch.float32, device=dev)
+    lz_BS = torch.empty(B, n, dtype=torch.float32, device=dev)
     dq, dk32, dw32 = _grad_buffers(q, k, want_grad)
 
-    C = _block_rows(B, S, T, CHUNK_ALIGN, buffer_bytes)
-    buf = torch.empty(B * C * T, dtype=torch.float32, device=dev)
+    # The z / g buffer, and under TP one head-sum partial per slice after it.
+    C = _block_rows(B, n, T * (1 + (slices if tp else 0)), CHUNK_ALIGN, buffer_bytes)
+    buf = torch.empty(B * C * T * (1 + (slices if tp else 0)), dtype=torch.float32, device=dev)
     min_bn = 16  # smallest BLOCK_N of the g kernel's configs: sizes the KL partial buffer
     klp = torch.empty(B * C * triton.cdiv(T, min_bn), dtype=torch.float32, device=dev)
-    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    for s0, s1, lo, hi in _windows(qi_BS, ks_BS, S, T, C, causal=False):
-        W = hi - lo + 1
+    for chunk in _slice_windows(qi_all, ks_all, slices, T, C):
+        s0, s1 = chunk[:2]
         rows = s1 - s0
+        # Under TP every rank takes part in every chunk's reduction (its peers need its heads).
+        p_BCW = _reduced_head_sums(attn, (qi_all, ks_all), buf[B * C * T :], split, chunk, n) if tp else None  # fmt: skip
+        lo = chunk[2][own // n]
+        W = chunk[3][own // n] - lo + 1
         if W <= 0:  # no row of this chunk sees a key: KL 0 (kl_BS is zeroed), gradients 0
             if want_grad:
                 dq[:, s0:s1] = 0
@@ -824,53 +928,56 @@ def _dense_forward(
             z_BCW, qi_BS, ks_BS, lz_BS, rows, s0, lo, z_BCW.stride(0), z_BCW.stride(1),
             qi_BS.stride(0), ROWS=LSE_ROWS, BLOCK=LSE_BLOCK,
         )  # fmt: skip
-        # Pass 2: main-attention head mean, KL partials, g = q - p (in place of z).
-        n_kt = triton.cdiv(W, min_bn)
-        klp_BCN = klp[: B * rows * n_kt].view(B, rows, n_kt)
+        # Pass 2: main-attention head mean (fused, or read after the TP reduction), KL
+        # partials, g = q - p (in place of z).
+        klp_BCN = klp[: B * rows * triton.cdiv(W, min_bn)].view(B, rows, -1)
         klp_BCN.zero_()
-
-        def grid_g(meta: dict, W: int = W, rows: int = rows) -> tuple[int, int]:
-            return (triton.cdiv(W, meta["BLOCK_N"]) * triton.cdiv(rows, meta["BLOCK_M"]), B)
-
-        _dense_g_kernel[grid_g](
-            aq, ak, alse, qi_BS, ks_BS, lz_BS, z_BCW, klp_BCN, attn_scale * LOG2E, 1.0 / H, H,
-            rows, s0, lo, W, *aq.stride()[:3], *ak.stride()[:3], *alse.stride()[:2],
-            qi_BS.stride(0), z_BCW.stride(0), z_BCW.stride(1), klp_BCN.stride(0), klp_BCN.stride(1),
-            DA=da, DB=db, GROUP_M=G_GROUP_M, INTERP=INTERPRET,
-        )  # fmt: skip
+        stage = 2 if tp else 0
+        p_arg = z_BCW if p_BCW is None else p_BCW
+        _g_launch(attn, (qi_BS, ks_BS), lz_BS, z_BCW, p_arg, klp_BCN, s0, lo, stage)
         kl_BS[:, s0:s1] = klp_BCN.sum(-1)
-        if not want_grad:
-            continue
-        g_BCW = z_BCW
-
-        def grid_dq(meta: dict, rows: int = rows) -> tuple[int, int]:
-            return (triton.cdiv(rows * NI, meta["BLOCK_R"]), B)
-
-        _dense_dq_kernel[grid_dq](
-            q, k, w32, qi_BS, ks_BS, g_BCW, dq, dw32, idx_scale, NI, T, rows, s0, lo,
-            q.stride(0), k.stride(0), k.stride(1), w32.stride(0), qi_BS.stride(0),
-            g_BCW.stride(0), g_BCW.stride(1),
-            D=D, INTERP=INTERPRET,
-        )  # fmt: skip
-        # Per QB-row block of the chunk: max query_index / min key_start (dk tile skipping).
-        nqb = triton.cdiv(rows, QB_ROWS)
-        pad = nqb * QB_ROWS - rows
-        qi_c, ks_c = qi_BS[:, s0:s1], ks_BS[:, s0:s1]
-        qmax = torch.nn.functional.pad(qi_c, (0, pad), value=-1).view(B, nqb, QB_ROWS).amax(-1)
-        kmin = torch.nn.functional.pad(ks_c, (0, pad), value=2**30).view(B, nqb, QB_ROWS).amin(-1)
-        qmax = qmax.to(torch.int32).contiguous()
-        kmin = kmin.clamp_max(2**30).to(torch.int32).contiguous()
-        n_kt = triton.cdiv(W, DK_BLOCK_N)
-        # Split each key tile's row loop so the grid fills the GPU when W is short.
-        n_split = max(1, min(16, triton.cdiv(2 * n_sm, n_kt * B)))
-        _dense_dk_kernel[(n_kt, n_split, B)](
-            q, k, w32, qi_BS, ks_BS, g_BCW, qmax, kmin, dk32, NI, rows, s0, lo, W, nqb,
-            q.stride(0), k.stride(0), k.stride(1), w32.stride(0), qi_BS.stride(0),
-            g_BCW.stride(0), g_BCW.stride(1), dk32.stride(0),
-            D=D, QB=QB_ROWS, NQB_P2=triton.next_power_of_2(nqb), INTERP=INTERPRET,
-            BLOCK_N=DK_BLOCK_N,
-        )  # fmt: skip
+        if want_grad:
+            _dense_grads(q, k, w32, (qi_BS, ks_BS), z_BCW, (dq, dk32, dw32), idx_scale, s0, lo)
     return kl_BS.sum(), dq, dk32, dw32
+
+
+def _dense_grads(q, k, w32, rows_BS, g_BCW, grads, idx_scale, s0, lo) -> None:
+    """dq, dw (stored) and dk (accumulated) of one chunk from its ``g = q - p`` buffer."""
+    qi_BS, ks_BS = rows_BS
+    dq, dk32, dw32 = grads
+    B, rows, W = g_BCW.shape
+    NI, D = q.shape[2:]
+    T = k.shape[1]
+
+    def grid_dq(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(rows * NI, meta["BLOCK_R"]), B)
+
+    _dense_dq_kernel[grid_dq](
+        q, k, w32, qi_BS, ks_BS, g_BCW, dq, dw32, idx_scale, NI, T, rows, s0, lo,
+        q.stride(0), k.stride(0), k.stride(1), w32.stride(0), qi_BS.stride(0),
+        g_BCW.stride(0), g_BCW.stride(1),
+        D=D, INTERP=INTERPRET,
+    )  # fmt: skip
+    # Per QB-row block of the chunk: max query_index / min key_start (dk tile skipping).
+    nqb = triton.cdiv(rows, QB_ROWS)
+    pad = nqb * QB_ROWS - rows
+    qi_c, ks_c = qi_BS[:, s0 : s0 + rows], ks_BS[:, s0 : s0 + rows]
+    qmax = torch.nn.functional.pad(qi_c, (0, pad), value=-1).view(B, nqb, QB_ROWS).amax(-1)
+    kmin = torch.nn.functional.pad(ks_c, (0, pad), value=2**30).view(B, nqb, QB_ROWS).amin(-1)
+    qmax = qmax.to(torch.int32).contiguous()
+    kmin = kmin.clamp_max(2**30).to(torch.int32).contiguous()
+    n_kt = triton.cdiv(W, DK_BLOCK_N)
+    dev = q.device
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    # Split each key tile's row loop so the grid fills the GPU when W is short.
+    n_split = max(1, min(16, triton.cdiv(2 * n_sm, n_kt * B)))
+    _dense_dk_kernel[(n_kt, n_split, B)](
+        q, k, w32, qi_BS, ks_BS, g_BCW, qmax, kmin, dk32, NI, rows, s0, lo, W, nqb,
+        q.stride(0), k.stride(0), k.stride(1), w32.stride(0), qi_BS.stride(0),
+        g_BCW.stride(0), g_BCW.stride(1), dk32.stride(0),
+        D=D, QB=QB_ROWS, NQB_P2=triton.next_power_of_2(nqb), INTERP=INTERPRET,
+        BLOCK_N=DK_BLOCK_N,
+    )  # fmt: skip
 
 
 # =============================================================================== autograd
@@ -933,16 +1040,20 @@ def sparse_distill_triton(
     idx_k_BTD: torch.Tensor,
     idx_w_BSI: torch.Tensor,
     idx_scale: float,
-    p_reduce: PReduce | None = None,
+    split: RowReduction | None = None,
     buffer_bytes: int | None = None,
 ) -> torch.Tensor:
-    """Sparse term ``sum_s KL(p_s || q_s)`` on the top-k slots (fp32 scalar, differentiable in
-    the indexer's q, k, w). ``p_reduce(p_BCK)`` sums a chunk's head sums over TP ranks in place."""
+    """Sparse term ``sum_s KL(p_s || q_s)`` on the top-k slots of this rank's rows (fp32
+    scalar, differentiable in the indexer's q, k, w).
+
+    The attention tensors and ``topk_BSK`` hold every row (``split.slices`` slices) for this
+    rank's heads; the indexer's ``q``/``w`` hold this rank's slice. ``split.reduce`` sums each
+    chunk's per-slice head sums over the TP ranks (``None``: one process, all heads here)."""
     attn = (attn_q_BSHD.detach(), attn_kv_BTD.detach(), attn_lse_BSH.detach(), topk_BSK)
 
     def run(q, k, w, want_grad):
         return _sparse_forward(
-            *attn, attn_scale, q, k, w, idx_scale, p_reduce, want_grad,
+            *attn, attn_scale, q, k, w, idx_scale, split, want_grad,
             buffer_bytes or SPARSE_BUFFER,
         )  # fmt: skip
 
@@ -960,16 +1071,20 @@ def dense_distill_triton(
     idx_k_BTD: torch.Tensor,
     idx_w_BSI: torch.Tensor,
     idx_scale: float,
+    split: RowReduction | None = None,
     buffer_bytes: int | None = None,
 ) -> torch.Tensor:
-    """Dense term ``sum_s KL(p_s || q_s)`` over every key of each row's KeyRange (TP = 1)."""
+    """Dense term ``sum_s KL(p_s || q_s)`` over every key of each of this rank's rows' KeyRange.
+
+    Rows as for :func:`sparse_distill_triton` (``key_range`` covers every row). With a TP
+    ``split`` the head sums take a reduction between two kernels; without, one fused pass."""
     B, S = attn_q_BSHD.shape[:2]
     key_range = key_range or KeyRange.causal(B, S, attn_q_BSHD.device)
     attn = (attn_q_BSHD.detach(), attn_k_BTHD.detach(), attn_lse_BSH.detach(), key_range)
 
     def run(q, k, w, want_grad):
         return _dense_forward(
-            *attn, attn_scale, q, k, w, idx_scale, want_grad, buffer_bytes or DENSE_BUFFER
+            *attn, attn_scale, q, k, w, idx_scale, split, want_grad, buffer_bytes or DENSE_BUFFER
         )
 
     want = _wants_grad(idx_q_BSID, idx_k_BTD, idx_w_BSI)

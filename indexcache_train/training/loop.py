@@ -18,6 +18,7 @@ from megatron.core import parallel_state as ps
 from indexcache_train.config.compose import to_yaml
 from indexcache_train.config.schema import TrainConfig
 from indexcache_train.config.validate import Resolved, validate
+from indexcache_train.model.forward_state import take_state_peak_bytes
 from indexcache_train.training import checkpointing as ckpt
 from indexcache_train.training import runtime
 from indexcache_train.training.flops import device_peak_tflops, step_flops
@@ -339,6 +340,7 @@ def _train_step(
         "optim/update_ok": float(bool(ok)),
         "optim/skipped": float(reason is not None),
         "memory/gib": memory_gib(device),
+        "memory/dsa_state_peak_gib": take_state_peak_bytes() / 2**30,
         "flops/total": flops.total,
         **meter.tick(tokens, flops.total),
     }

@@ -1,4 +1,7 @@
-"""TP=2+SP, EP=2, DP=2 (and CP=2) on 2 gloo processes equal 1 process: loss and every gradient.
+"""TP=2+SP, EP=2, DP=2, CP=2 on 2 gloo processes, TP=4+SP and TP=2+SP+CP=2 on 4, equal 1
+process: loss, every gradient and the optimizer's indexer grad-norm group; and every rank
+does 1/world of the one-process indexer top-k and distillation FLOPs and holds 1/world of its
+forward-state peak (no replicated rows).
 
 Toy: 4 layers (dense, MoE, MoE, MoE), freq 2 (FSFS) with a Full MTP layer, top-k 8 < seq 32, the
 multi-layer distillation loss on; the sparse stage (trunk + indexers) and the dense warm-up
@@ -47,8 +50,13 @@ def work(tmp_path_factory, subprocess_env) -> Path:
     return d
 
 
+WORLD = {"tp4sp": 4, "tp2sp_cp2": 4}
+
+
 @pytest.mark.parametrize("attention", ["sparse", "warmup"])
-@pytest.mark.parametrize("scenario", ["tp2sp", "ep2", "dp2", "cp2", "tp2sp_lmchunk"])
+@pytest.mark.parametrize(
+    "scenario", ["tp2sp", "ep2", "dp2", "cp2", "tp2sp_lmchunk", "tp4sp", "tp2sp_cp2"]
+)
 def test_parallel_equals_single_process(
     work: Path, scenario: str, attention: str, subprocess_env
 ) -> None:
@@ -57,7 +65,7 @@ def test_parallel_equals_single_process(
     # it, trunk) gradients differ from one process by ~3% / 0.3% — upstream behaviour. The CP
     # sparse case is therefore checked exactly without MTP; the CP warm-up (indexer terms only,
     # MTP layer included) is exact.
-    no_mtp = ["--no-mtp"] if (scenario, attention) == ("cp2", "sparse") else []
+    no_mtp = ["--no-mtp"] if scenario.endswith("cp2") and attention == "sparse" else []
     _check(work, scenario, attention, no_mtp, subprocess_env)
 
 
@@ -68,8 +76,9 @@ def test_grouped_experts_ep2_equal_sequential_single_process(work: Path, subproc
 
 
 def _check(work: Path, scenario: str, attention: str, no_mtp: list[str], subprocess_env) -> None:
+    world = WORLD.get(scenario, 2)
     out = _torchrun(
-        2,
+        world,
         [
             "parallel",
             "--work",
@@ -90,3 +99,14 @@ def _check(work: Path, scenario: str, attention: str, no_mtp: list[str], subproc
     assert r["loss_rel"] <= 1e-6, r
     assert r["max_grad_rel"] <= 1e-5, r
     assert r["ref_indexer_grad_norm"] > 0, r
+    assert r["indexer_norm_rel"] <= 1e-5, r
+    # Rows split evenly over every rank (batch, CP zigzag, SP slices): exactly 1/world each of
+    # the FLOPs and of the forward state's peak.
+    topk = {"indexer_topk"} if attention == "sparse" else set()  # the warm-up selects none
+    assert set(r["share"]) == {"distill_target", "distill_kl", "state_peak_bytes", *topk}, r
+    for category, shares in r["share"].items():
+        assert shares == pytest.approx([1 / world] * world, rel=1e-9), (category, shares)
+    # Evaluation's sampled rows (8 of 32 per sequence, 4 sequences, every layer): the same
+    # positions at every layout, so the same metrics.
+    assert r["eval_recall_rows"] == 8 * 4 * (4 if no_mtp else 5), r
+    assert r["eval_max_abs"] <= 1e-6, r

@@ -74,6 +74,9 @@ def test_toy_matches_golden_curve_and_switches_stage(uninterrupted) -> None:
         r["optim/indexer_grad_norm"] for r in rows
     ]
     assert all(r["optim/skipped"] == 0.0 for r in rows)
+    # The forward state (top-k and indexer inputs of Full layers, until their consumers ran)
+    # is reported per step: positive under the multi-layer loss, a part of the process memory.
+    assert all(0 < r["memory/dsa_state_peak_gib"] < r["memory/gib"] for r in rows), rows[0]
     # MoE load balance from the routers' own counts: the frozen warm-up routes under no_grad
     # (nothing counted, no metric); every sparse step reports each MoE layer (1-3) and the MTP
     # layer. max/mean is >= 1 by definition and < number of experts unless one expert got all.

@@ -192,6 +192,23 @@ def test_chunked_equals_unchunked_fp32(form: str, chunk: int) -> None:
         assert _max_diff(a, b) <= 1e-6 * max(b.abs().max().item(), 1.0)
 
 
+def test_dense_target_is_computed_once_per_chunk() -> None:
+    """Gradients come from the forward: backward never rebuilds the target (under TP each
+    build is a reduction over the TP group)."""
+    kr = _packed_range()
+    p_BST = _dense_target(kr, 3)
+    q, k, w = _indexer(4)
+    calls: list[tuple[int, int]] = []
+
+    def target(s0: int, s1: int) -> torch.Tensor:
+        calls.append((s0, s1))
+        return p_BST[:, s0:s1]
+
+    dense_kl_sum(target, kr, q, k, w, SCALE, 4).backward()
+    assert calls == [(0, 4), (4, 8), (8, S)]
+    assert q.grad is not None and k.grad is not None and w.grad is not None
+
+
 @pytest.mark.parametrize("form", ["dense", "sparse"])
 def test_row_without_valid_key_contributes_exactly_zero(form: str) -> None:
     """Only the empty row, with a garbage (non-zero) target: the term is 0.0 and gradients are

@@ -84,14 +84,6 @@ def test_triton_hooks_decline_dims_no_kernel_takes() -> None:
     assert isinstance(out, Declined) and "inputs are on cpu" in out.reason
 
 
-def test_dense_distill_hook_declines_tensor_parallel() -> None:
-    attn = dict(attn_k_BTHD=None, attn_lse_BSH=None, key_range=None, attn_scale=1.0)
-    idx = dict(idx_q_BSID=_cuda_like(1, 8, 4, 128), idx_k_BTD=None, idx_w_BSI=None, idx_scale=1.0)
-    tp2 = SimpleNamespace(size=lambda: 2)
-    out = bt.dense_distill(attn_q_BSHD=_cuda_like(1, 8, 4, 192), **attn, **idx, tp_group=tp2)
-    assert isinstance(out, Declined) and "tensor-parallel size 1 only (here 2)" in out.reason
-
-
 def test_validation_refuses_triton_for_dims_no_kernel_takes() -> None:
     cfg = compose(["+experiment=toy", "model.kernel_backend=triton"])
     with pytest.raises(ConfigError, match=r"kernel_backend=triton.*40 = 32 \+ 8"):
@@ -105,12 +97,11 @@ def test_gpu_toy_runs_the_kernels() -> None:
     validate(compose(["+experiment=toy_gpu", "model.kernel_backend=triton"]), 1)
 
 
-def test_validation_refuses_triton_for_the_dense_warm_up_at_tp2() -> None:
+def test_validation_takes_triton_for_the_dense_warm_up_at_tp2() -> None:
+    # The fused dense distillation kernel takes a TP split (ops/triton_distill.py): the GPU toy
+    # validates with kernel_backend=triton at TP2+SP as at TP1.
     tp2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]
-    cfg = compose(["+experiment=toy_gpu", "model.kernel_backend=triton", *tp2])
-    with pytest.raises(ConfigError, match=r"kernel_backend=triton.*tensor-parallel size 1 only"):
-        validate(cfg, 2)
-    validate(compose(["+experiment=toy_gpu", "model.kernel_backend=auto", *tp2]), 2)
+    validate(compose(["+experiment=toy_gpu", "model.kernel_backend=triton", *tp2]), 2)
 
 
 def test_validation_names_the_backends() -> None:

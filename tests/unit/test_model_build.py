@@ -191,6 +191,24 @@ def test_no_recompute_drops_entries_after_last_consumer() -> None:
     assert st.live_entries() == []
 
 
+def test_state_peak_is_one_entry_of_own_rows() -> None:
+    """FSFS: layer 0's entry lives until layer 1 read it, layer 2's until layer 3 (the MTP Full
+    layer serves no one): the peak is one entry, the top-k and the indexer inputs of the rows."""
+    from indexcache_train.model.forward_state import take_state_peak_bytes
+
+    cfg, model = build_toy(
+        glm5_toy_hf_config(num_hidden_layers=4, index_topk_freq=2, index_skip_topk_offset=1)
+    )
+    st = state(cfg, B, S, distill=DistillSettings(mode="multi", compute_grad=False))
+    take_state_peak_bytes()
+    with torch.no_grad():
+        model(_ids(cfg, 0), torch.arange(S).expand(B, S), None, dsa_state=st)
+    topk = B * S * min(cfg.index_topk, S) * 4  # int32
+    inputs = B * S * (cfg.hidden_size + cfg.q_lora_rank) * 4  # fp32 hidden rows and q latent
+    assert take_state_peak_bytes() == topk + inputs
+    assert take_state_peak_bytes() == 0  # nothing live: the next period starts empty
+
+
 def test_dist_checkpoint_round_trip(tmp_path) -> None:
     from megatron.core import dist_checkpointing
 

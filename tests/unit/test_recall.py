@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import indexcache_train.model.attention as attention_module
+import indexcache_train.ops.api as ops_api
 from indexcache_train.loss.recall import head_sum_probs_all_keys, topk_recall
 from indexcache_train.model.forward_state import DistillSettings
 from indexcache_train.model.toy_configs import glm5_toy_hf_config
@@ -258,3 +259,61 @@ def test_eval_metrics_names_and_averages() -> None:
     assert weighted["eval/l_multi"] == pytest.approx(
         (0.75 * 1 + 0.25 * 3 + 0.75 * 2 + 0.25 * 6) / 2
     )
+
+
+@pytest.mark.parametrize("attention", ["sparse", "dense"])
+def test_evaluation_measures_sampled_rows_exactly(attention: str, monkeypatch) -> None:
+    """``eval_rows`` < S: recall and the per-pair KL see exactly the exact run's rows at the
+    sampled positions (its probabilities, reused top-k, attention and indexer rows)."""
+    cfg, model = _toy()
+    ids = torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    seen: list[dict] = []
+    real_recall = attention_module.topk_recall
+    term_name, rows_key = (
+        ("sparse_distill", "topk_BSK") if attention == "sparse" else ("dense_distill", "key_range")
+    )
+    real_term = getattr(ops_api, term_name)
+
+    def recall_spy(probs_fn, key_range, reused_BSK, topk, num_keys, chunk=128):
+        n = reused_BSK.shape[1]
+        seen[-1]["recall"].append((probs_fn(0, n), key_range.query_index_BS, reused_BSK))
+        return real_recall(probs_fn, key_range, reused_BSK, topk, num_keys, chunk)
+
+    def term_spy(**kw):
+        names = ("attn_q_BSHD", "attn_lse_BSH", rows_key, "idx_q_BSID", "idx_w_BSI")
+        seen[-1]["term"].append(tuple(kw[n] for n in names))
+        return real_term(**kw)
+
+    monkeypatch.setattr(attention_module, "topk_recall", recall_spy)
+    monkeypatch.setattr(ops_api, term_name, term_spy)
+    runs = {}
+    for eval_rows in (0, SEQ // 4):
+        seen.append({"recall": [], "term": []})
+        st = state(
+            cfg,
+            2,
+            SEQ,
+            attention=attention,
+            measure_recall=True,
+            eval_rows=eval_rows,
+            distill=DistillSettings(mode="multi", compute_grad=False),
+        )
+        with torch.no_grad():
+            model(ids, torch.arange(SEQ).expand(2, SEQ), None, dsa_state=st)
+        runs[eval_rows] = st
+    exact, sampled = seen
+    pos = sampled["recall"][0][1][0]
+    assert torch.equal(pos // 4, torch.arange(SEQ // 4))  # one position per block of 4
+    for (p_all, _, r_all), (p, qi, r) in zip(exact["recall"], sampled["recall"], strict=True):
+        assert torch.equal(qi[0], pos)
+        assert torch.allclose(p, p_all[:, pos], atol=1e-6) and torch.equal(r, r_all[:, pos])
+    for full, part in zip(exact["term"], sampled["term"], strict=True):
+        aq, lse, rows, iq, iw = full
+        assert torch.equal(part[0], aq[:, pos]) and torch.equal(part[1], lse[:, pos])
+        assert torch.equal(part[3], iq[:, pos]) and torch.equal(part[4], iw[:, pos])
+        if attention == "sparse":
+            assert torch.equal(part[2], rows[:, pos])
+        else:
+            assert torch.equal(part[2].query_index_BS, rows.query_index_BS[:, pos])
+    assert runs[SEQ // 4].recall[0][1].item() == 2 * SEQ // 4
+    assert set(runs[SEQ // 4].kl_terms) == set(runs[0].kl_terms)

@@ -39,12 +39,19 @@ SCENARIOS = {
     # TP2+SP with the chunked LM head + loss (model/lm_loss.py): 24-token chunks over 16 local
     # rows per rank (uneven last chunk), compared with the unchunked one-process reference.
     "tp2sp_lmchunk": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    # 4 processes: each TP rank's indexer / distillation rows are a quarter of the sequence,
+    # and TP x SP composed with CP's zigzag rows.
+    "tp4sp": dict(tensor_model_parallel_size=4, sequence_parallel=True),
+    "tp2sp_cp2": dict(
+        tensor_model_parallel_size=2, sequence_parallel=True, context_parallel_size=2
+    ),
 }
 LM_LOSS_CHUNK = {"tp2sp_lmchunk": 24}
 # EP=2 with the grouped-GEMM experts (model/grouped_experts.py) against the SequentialMLP
 # reference: it must load the same dist checkpoint and give the same loss and gradients.
 SCENARIOS["ep2_grouped"] = SCENARIOS["ep2"]
 GROUPED_EXPERTS = {"ep2_grouped"}
+COUNTED = ("indexer_topk", "distill_target", "distill_kl", "state_peak_bytes")
 SCENARIO = None
 
 
@@ -116,12 +123,19 @@ def _batch():
 
 
 def _run(cfg, model, attention: str, dp_rank: int, dp: int, cp_rank: int, cp: int):
-    """One training step's forward/backward through Megatron's schedule; returns the loss."""
+    """One training step's forward/backward through Megatron's schedule; returns the loss, this
+    rank's work counts (FLOPs by :mod:`indexcache_train.ops.flop_counter` category, and the
+    forward state's peak bytes) and the DDP wrapper."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from indexcache_train.model.forward_state import DistillSettings, DSAForwardState
+    from indexcache_train.model.forward_state import (
+        DistillSettings,
+        DSAForwardState,
+        take_state_peak_bytes,
+    )
+    from indexcache_train.ops import flop_counter
     from indexcache_train.ops.masking import KeyRange
     from indexcache_train.parallel.context_parallel import split_for_rank
 
@@ -166,18 +180,69 @@ def _run(cfg, model, attention: str, dp_rank: int, dp: int, cp_rank: int, cp: in
 
         return out, loss_fn
 
-    get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=iter([None]),
-        model=[ddp],
-        num_microbatches=1,
-        seq_length=S // cp,
-        micro_batch_size=b,
-        forward_only=False,
-    )
+    evaluation = _evaluate(cfg, model, attention, tokens, labels, pos, key_range)
+    take_state_peak_bytes()  # the period starts here
+    with flop_counter.counting() as counts:
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter([None]),
+            model=[ddp],
+            num_microbatches=1,
+            seq_length=S // cp,
+            micro_batch_size=b,
+            forward_only=False,
+        )
     loss = losses[0].clone()
     dist.all_reduce(loss)  # mean of equal-sized shards = global mean
-    return float(loss) / dist.get_world_size()
+    counts["state_peak_bytes"] = float(take_state_peak_bytes())
+    return float(loss) / dist.get_world_size(), {**counts, **evaluation}, ddp
+
+
+EVAL_ROWS = 8  # of S = 32: one measured position per block of 4
+
+
+def _evaluate(cfg, model, attention, tokens, labels, pos, key_range) -> dict[str, float]:
+    """The evaluation metrics (recall per layer, KL per served pair) on the sampled rows
+    (``eval_rows``), summed over ranks as the trainer's step runner does."""
+    from indexcache_train.model.forward_state import DistillSettings, DSAForwardState
+
+    st = DSAForwardState(
+        cfg.schedule,
+        pos,
+        key_range=key_range,
+        attention=attention,
+        distill=DistillSettings(mode="multi", compute_grad=False),
+        measure_recall=True,
+        eval_rows=EVAL_ROWS,
+    )
+    with torch.no_grad():
+        model(tokens, pos, None, labels=labels, dsa_state=st)
+    recall = torch.stack([st.recall[k] for k in sorted(st.recall)]).double()
+    kl = torch.stack([st.kl_terms[k].double() for k in sorted(st.kl_terms)])
+    dist.all_reduce(recall)
+    dist.all_reduce(kl)  # per-row means of equal-sized row shards: their mean is the mean
+    out = {f"recall{k}": float(h / n) for k, (h, n) in zip(sorted(st.recall), recall.tolist())}
+    out["recall_rows"] = float(recall[:, 1].sum())
+    kl = kl / dist.get_world_size()
+    out.update({f"kl{a}-{b}": float(v) for (a, b), v in zip(sorted(st.kl_terms), kl.tolist())})
+    return out
+
+
+def _indexer_grad_norm(model, ddp) -> float:
+    """The ``"indexer"`` grad-norm group as the trainer reads it after Megatron's optimizer step
+    (TP duplicates filtered, reduced over the model-parallel group). Clips and updates the
+    parameters: call after the gradients are read."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from indexcache_train.compat import INDEXER_GRAD_NORM_GROUP
+    from indexcache_train.training.loop import _group_grad_norm
+
+    for name, p in model.named_parameters():
+        if ".core_attention.indexer." in name:
+            p.grad_norm_group = INDEXER_GRAD_NORM_GROUP
+    opt = get_megatron_optimizer(OptimizerConfig(lr=0.0, clip_grad=1.0), [ddp])
+    opt.step()
+    return _group_grad_norm(opt, INDEXER_GRAD_NORM_GROUP)
 
 
 def _full_grads(model) -> dict[str, torch.Tensor]:
@@ -232,8 +297,15 @@ def reference(work: Path, attention: str) -> None:
     cfg, model = _build(par)
     (work / f"ckpt{_suffix()}").mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(model.sharded_state_dict(), str(work / f"ckpt{_suffix()}"))
-    loss = _run(cfg, model, attention, 0, 1, 0, 1)
-    torch.save({"loss": loss, "grads": _full_grads(model)}, work / f"ref_{attention}{_suffix()}.pt")
+    loss, counts, ddp = _run(cfg, model, attention, 0, 1, 0, 1)
+    grads = _full_grads(model)
+    ref = {
+        "loss": loss,
+        "grads": grads,
+        "counts": counts,
+        "indexer_norm": _indexer_grad_norm(model, ddp),
+    }
+    torch.save(ref, work / f"ref_{attention}{_suffix()}.pt")
 
 
 def parallel(work: Path, scenario: str, attention: str) -> int:
@@ -246,13 +318,16 @@ def parallel(work: Path, scenario: str, attention: str) -> int:
         dist_checkpointing.load(model.sharded_state_dict(), str(work / f"ckpt{_suffix()}"))
     )
     dp, cp = ps.get_data_parallel_world_size(), ps.get_context_parallel_world_size()
-    loss = _run(
+    loss, counts, ddp = _run(
         cfg, model, attention, ps.get_data_parallel_rank(), dp, ps.get_context_parallel_rank(), cp
     )
     grads = _full_grads(model)
+    indexer_norm = _indexer_grad_norm(model, ddp)
+    all_counts = [None] * dist.get_world_size()
+    dist.all_gather_object(all_counts, counts)
     try:
         if dist.get_rank() == 0:
-            _compare(work, scenario, attention, loss, grads)
+            _compare(work, scenario, attention, loss, grads, indexer_norm, all_counts)
     finally:
         # Every rank leaves together and tears the groups down: a gloo rank that exits while its
         # peer still holds the group can abort in the C++ destructor ("terminate called without
@@ -263,7 +338,15 @@ def parallel(work: Path, scenario: str, attention: str) -> int:
     return 0
 
 
-def _compare(work: Path, scenario: str, attention: str, loss: float, grads: dict) -> None:
+def _compare(
+    work: Path,
+    scenario: str,
+    attention: str,
+    loss: float,
+    grads: dict,
+    indexer_norm: float,
+    all_counts: list[dict[str, float]],
+) -> None:
     ref = torch.load(work / f"ref_{attention}{_suffix()}.pt")
     # Norm-wise relative error per tensor, floored at 1e-5 of the whole model's gradient norm so
     # structurally ~0 gradients (e.g. an indexer k_norm bias, ~1e-6) are judged on the model's
@@ -291,6 +374,21 @@ def _compare(work: Path, scenario: str, attention: str, loss: float, grads: dict
         "ref_indexer_grad_norm": float(
             torch.stack([g.norm() for n, g in ref["grads"].items() if ".indexer." in n]).norm()
         ),
+        # The optimizer's "indexer" grad-norm group: counts each TP-summed gradient once.
+        "indexer_norm_rel": abs(indexer_norm - ref["indexer_norm"]) / ref["indexer_norm"],
+        # Per-rank FLOPs of the indexer top-k and the distillation terms, and the forward
+        # state's peak bytes, over the one-process run's: 1 / world when every rank holds and
+        # does its own share (no replicated rows).
+        "share": {
+            c: [f.get(c, 0.0) / v for f in all_counts]
+            for c, v in sorted(ref["counts"].items())
+            if c in COUNTED
+        },
+        # Evaluation on sampled rows: the same positions at every layout, the same metrics.
+        "eval_max_abs": max(
+            abs(all_counts[0][k] - v) for k, v in ref["counts"].items() if k not in COUNTED
+        ),
+        "eval_recall_rows": all_counts[0]["recall_rows"],
     }
     (work / f"result_{scenario}_{attention}{_suffix()}.json").write_text(
         json.dumps(result, indent=1)
