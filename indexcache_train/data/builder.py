@@ -31,6 +31,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from indexcache_train.data.checks import check_data_sources
 from indexcache_train.data.config import DataConfig, DataConfigError
 from indexcache_train.data.tokenizer import TextTokenizer, load_tokenizer
 
@@ -183,7 +184,8 @@ def build_datasets(
         ranks where ``is_built_on_rank()`` is False.
 
     Raises:
-        DataConfigError: Bad data sources or a ``cfg.seq_length`` that differs from
+        DataConfigError: Bad data sources (missing, damaged, or too small for one sample: see
+            :mod:`indexcache_train.data.checks`) or a ``cfg.seq_length`` that differs from
             ``seq_length``.
         TokenizerError: The tokenizer does not load.
     """
@@ -195,6 +197,7 @@ def build_datasets(
         )
     if train_samples < 1:
         raise DataConfigError(f"train_samples must be >= 1, got {train_samples}")
+    check_data_sources(cfg, seq_length)
     tokenizer = load_tokenizer(cfg.tokenizer_path())
     data_seed = cfg.seed if cfg.seed is not None else seed
     gpt_cfg = _gpt_config(cfg, tokenizer, seq_length, data_seed)
