@@ -126,7 +126,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             log.info("pipeline layout: %s", resolved.pipeline_layout)
 
     chunks, tcfg = build_chunks(cfg, resolved.model, resolved.pipeline_layout, device)
-    resume_dir = ckpt.latest(ckpt_root) if cfg.checkpoint.auto_resume else None
+    resume_dir, skipped = ckpt.latest(ckpt_root) if cfg.checkpoint.auto_resume else (None, [])
+    for warning in skipped:
+        log.warning(warning)
     start_step, consumed = 0, 0
     if resume_dir is not None:
         state = ckpt.read_state(resume_dir)
