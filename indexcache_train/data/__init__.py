@@ -21,6 +21,7 @@ from typing import Any
 _EXPORTS = {
     "DataConfig": "config",
     "DataConfigError": "config",
+    "DataNotFoundError": "config",
     "BUNDLED_CORPUS_DIR": "config",
     "BUNDLED_TOKENIZER": "config",
     "TextTokenizer": "tokenizer",

@@ -32,7 +32,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from indexcache_train.data.checks import check_data_sources
-from indexcache_train.data.config import DataConfig, DataConfigError
+from indexcache_train.data.config import DataConfig, DataConfigError, DataNotFoundError
 from indexcache_train.data.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = ["Dataset", "build_datasets", "default_cache_root", "parse_blend"]
@@ -62,7 +62,8 @@ def parse_blend(items: list[str], field: str) -> Blend:
         and their weights (None: mix in proportion to dataset sizes).
 
     Raises:
-        DataConfigError: Mixed weighted/unweighted items, bad weights, or a missing dataset.
+        DataConfigError: Mixed weighted/unweighted items or bad weights.
+        DataNotFoundError: A missing dataset.
     """
     items = [str(x).strip() for x in items]
     weighted = len(items) % 2 == 0 and all(_is_float(w) for w in items[0::2])
@@ -82,7 +83,7 @@ def parse_blend(items: list[str], field: str) -> Blend:
                 f"prefix, ...] with a weight before every prefix, got {items}"
             )
         if not IndexedDataset.exists(p):
-            raise DataConfigError(
+            raise DataNotFoundError(
                 f"data.{field}: no dataset at {p!r} ({p}.bin and {p}.idx); create it with "
                 "`python -m indexcache_train.data.preprocess` or scripts/build_default_corpus.py"
             )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexcache_train.data.config import DataConfig, DataConfigError
+from indexcache_train.data.config import DataConfig, DataConfigError, DataNotFoundError
 
 __all__ = ["PrefixInfo", "check_data_sources", "read_prefix"]
 
@@ -62,7 +62,7 @@ def read_prefix(prefix: str) -> PrefixInfo:
     idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"
     for path in (idx, bin_):
         if not Path(path).is_file():
-            raise DataConfigError(
+            raise DataNotFoundError(
                 f"{path} does not exist; create the dataset with "
                 "`python -m indexcache_train.data.preprocess` or fix the data prefix"
             )
