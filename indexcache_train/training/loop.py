@@ -176,7 +176,7 @@ def _build(
         ckpt.load_model_only(Path(cfg.checkpoint.load_pretrained), chunks)
     # Wrap for the stage whose optimizer wrote the checkpoint (a stage-end checkpoint belongs to
     # the stage that just finished); the loop switches stages when the next step needs it.
-    wrap_index = position(cfg, max(point.step - 1, 0)).index
+    wrap_index = point.state.stage_index if point.state else 0
     expert_load = ExpertLoadTracker(chunks, resolved.model, finalize_model_grads)
     wrapped = wrap_stage(cfg, chunks, tcfg, cfg.recipe.stages[wrap_index], expert_load)
     if point.directory is not None:
