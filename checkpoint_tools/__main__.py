@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
 from checkpoint_tools.errors import CheckpointError
+from indexcache_train.training.console import quiet_upstream_warnings
 
 #: verb -> (module, one-line help).
 VERBS: dict[str, tuple[str, str]] = {
@@ -52,6 +54,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, run the verb, and turn a :class:`CheckpointError` into a message and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_upstream_warnings(int(os.environ.get("RANK", "0")))  # the verdict is not buried
     verb = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(verb if verb in VERBS else None).parse_args(argv)
     try:

@@ -159,6 +159,10 @@ class CheckpointSection:
     when not resuming; model weights only."""
     exit_after_steps: int | None = None
     """Stop (after saving) once this many steps have run in this process (tests, time slicing)."""
+    allow_config_change: bool = False
+    """Resume even though the config differs from the checkpoint's in a way that changes what
+    the run trains (model, schedule, recipe, optimizer, data, seed); the differences are logged
+    and the new config is kept next to the old one. False: such a resume is refused."""
 
 
 @dataclass
@@ -168,8 +172,11 @@ class LoggingSection:
     """Held-out evaluation every N steps (0: only at the end)."""
     eval_iters: int = 2
     wandb_mode: str = "disabled"
-    """``disabled`` (null logger), ``offline`` or ``online``."""
+    """``disabled`` (null logger), ``offline`` or ``online`` (needs the ``wandb`` package:
+    ``EXTRAS=test,wandb make setup``). ``metrics.jsonl`` / ``eval.jsonl`` are written always."""
     wandb_project: str = "indexcache-train"
+    tensorboard: bool = False
+    """Also write TensorBoard event files to ``<run_dir>/tensorboard`` (needs ``tensorboard``)."""
     peak_tflops: float | None = None
     """Per-GPU peak for MFU; None: looked up from the device name (H100/H200 bf16 dense)."""
 

@@ -15,6 +15,7 @@ ATTENTION = ("dense", "sparse")
 TRAINABLE = ("indexers", "all")
 DISTILL_MODES = ("multi", "own_layer", "none")
 GROUPED_GEMM = ("auto", "true", "false")
+WANDB_MODES = ("disabled", "offline", "online")
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,8 @@ def check_parallel(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
             "with TP needs it, and it keeps replicated-norm gradients correct)",
         )
     o = cfg.optim
+    for name in ("micro_batch_size", "global_batch_size"):
+        _require(getattr(o, name) >= 1, f"optim.{name}={getattr(o, name)} must be >= 1")
     _require(
         o.global_batch_size % (o.micro_batch_size * dp) == 0,
         f"optim.global_batch_size={o.global_batch_size} must be a multiple of "
@@ -182,7 +185,42 @@ def resolve_model(cfg: TrainConfig) -> Any:
         m.seq_length % (2 * cp) == 0 or cp == 1,
         f"model.seq_length={m.seq_length} must be divisible by 2*context_parallel_size={2 * cp}",
     )
+    _check_lengths(cfg, model)
+    _check_sharing(cfg, model)
     return model
+
+
+def _check_lengths(cfg: TrainConfig, model: Any) -> None:
+    """Lengths the model accepts but that would silently mean something else."""
+    s = cfg.model.seq_length
+    _require(
+        s <= model.max_position_embeddings,
+        f"model.seq_length={s} exceeds the model's max_position_embeddings="
+        f"{model.max_position_embeddings} (positions past it were never trained and RoPE "
+        "scaling is set for that length); lower model.seq_length or set "
+        "model.overrides.max_position_embeddings (with a RoPE scaling that covers it)",
+    )
+    sparse = [st.name for st in cfg.recipe.stages if st.attention == "sparse"]
+    _require(
+        not sparse or model.index_topk < s,
+        f"index_topk={model.index_topk} >= model.seq_length={s}: every query keeps all its keys, "
+        f"so the sparse stage(s) {sparse} would train dense attention and IndexCache would "
+        f"change nothing; use model.seq_length > {model.index_topk} or lower "
+        "model.overrides.index_topk",
+    )
+
+
+def _check_sharing(cfg: TrainConfig, model: Any) -> None:
+    """Layers ``0..offset-1`` are always Full; an offset at or past the depth shares nothing."""
+    ic, n = cfg.indexcache, model.num_hidden_layers
+    offset = ic.index_skip_topk_offset
+    if offset is not None and (ic.index_topk_freq or 1) > 1:
+        _require(
+            offset < n,
+            f"indexcache.index_skip_topk_offset={offset} is past the model's {n} layers: layers "
+            "0..offset-1 are always Full, so every layer would be Full and nothing shared; "
+            f"use an offset < {n} (GLM-5.2 / HF / vLLM / SGLang: 2, Megatron: 1)",
+        )
 
 
 def _check_kernel_backend(cfg: TrainConfig, model: Any) -> None:
@@ -202,7 +240,6 @@ def _check_kernel_backend(cfg: TrainConfig, model: Any) -> None:
         qk_head_dim=model.qk_head_dim,
         v_head_dim=model.v_head_dim,
         attention=frozenset(st.attention for st in cfg.recipe.stages),
-        tensor_parallel_size=cfg.parallel.tensor_model_parallel_size,
     )
     bad = backends.model_declines(m.kernel_backend, facts)
     _require(
@@ -210,9 +247,49 @@ def _check_kernel_backend(cfg: TrainConfig, model: Any) -> None:
         f"model.kernel_backend={m.kernel_backend} but its kernels cannot run this model: "
         + "; ".join(bad)
         + ". Use model.kernel_backend=auto (PyTorch where no kernel applies) or a model the "
-        "kernels take (every real GLM-5 / DeepSeek-V3.2 size does, at tensor-parallel size 1 "
-        "for the dense warm-up).",
+        "kernels take (every real GLM-5 / DeepSeek-V3.2 size does, at any "
+        "tensor-parallel size).",
     )
+
+
+def check_logging(cfg: TrainConfig) -> None:
+    """Intervals that would divide by zero, and optional metric sinks that are not installed
+    (found here, not after the model is built)."""
+    import importlib.util
+
+    lg, ck = cfg.logging, cfg.checkpoint
+    _require(lg.log_interval >= 1, f"logging.log_interval={lg.log_interval} must be >= 1")
+    _require(
+        lg.eval_interval >= 0,
+        f"logging.eval_interval={lg.eval_interval} must be >= 0 (0: evaluate at the end only)",
+    )
+    _require(lg.eval_iters >= 1, f"logging.eval_iters={lg.eval_iters} must be >= 1")
+    _require(
+        ck.save_interval >= 0,
+        f"checkpoint.save_interval={ck.save_interval} must be >= 0 (0: stage ends and end only)",
+    )
+    _require(
+        ck.exit_after_steps is None or ck.exit_after_steps >= 1,
+        f"checkpoint.exit_after_steps={ck.exit_after_steps} must be >= 1 or null",
+    )
+    _require(
+        lg.wandb_mode in WANDB_MODES,
+        f"logging.wandb_mode={lg.wandb_mode!r}: use one of {WANDB_MODES}",
+    )
+    if lg.wandb_mode != "disabled":
+        _require(
+            importlib.util.find_spec("wandb") is not None,
+            f"logging.wandb_mode={lg.wandb_mode} needs the wandb package, which is not "
+            "installed: `EXTRAS=test,wandb make setup` (or pip install wandb), or set "
+            "logging.wandb_mode=disabled (metrics.jsonl is written either way)",
+        )
+    if lg.tensorboard:
+        _require(
+            importlib.util.find_spec("tensorboard") is not None,
+            "logging.tensorboard=true needs the tensorboard package, which is not installed: "
+            "pip install tensorboard, or set logging.tensorboard=false (metrics.jsonl is "
+            "written either way)",
+        )
 
 
 def check_vocab(cfg: TrainConfig, model_vocab: int) -> None:
@@ -228,7 +305,13 @@ def check_vocab(cfg: TrainConfig, model_vocab: int) -> None:
 
 
 def validate(cfg: TrainConfig, world_size: int) -> Resolved:
+    """Every cross-field check; returns what the trainer builds from.
+
+    Raises:
+        ConfigError: The first inconsistency found (message: fields and fix).
+    """
     check_recipe(cfg)
+    check_logging(cfg)
     dp, num_micro = check_parallel(cfg, world_size)
     model = resolve_model(cfg)
     check_vocab(cfg, model.vocab_size)

@@ -5,6 +5,7 @@ Modules (one concern each):
   * ``indexed_writer``: atomic writing of Megatron ``.bin/.idx`` files.
   * ``preprocess``: ``python -m indexcache_train.data.preprocess`` (JSONL -> ``.bin/.idx``).
   * ``config``: :class:`DataConfig`, the typed schema of the ``data`` config group.
+  * ``checks``: :func:`check_data_sources`, every ``.bin/.idx`` whole and every split non-empty.
   * ``builder``: :func:`build_datasets` through Megatron's ``BlendedMegatronDatasetBuilder``.
   * ``loader``: :func:`build_dataloader`, deterministic and resumable from ``consumed_samples``.
 
@@ -20,12 +21,14 @@ from typing import Any
 _EXPORTS = {
     "DataConfig": "config",
     "DataConfigError": "config",
+    "DataNotFoundError": "config",
     "BUNDLED_CORPUS_DIR": "config",
     "BUNDLED_TOKENIZER": "config",
     "TextTokenizer": "tokenizer",
     "TokenizerError": "tokenizer",
     "load_tokenizer": "tokenizer",
     "build_datasets": "builder",
+    "check_data_sources": "checks",
     "build_dataloader": "loader",
     "MicroBatchSampler": "loader",
     "preprocess_jsonl": "preprocess",

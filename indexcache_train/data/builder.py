@@ -31,7 +31,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from indexcache_train.data.config import DataConfig, DataConfigError
+from indexcache_train.data.checks import check_data_sources
+from indexcache_train.data.config import DataConfig, DataConfigError, DataNotFoundError
 from indexcache_train.data.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = ["Dataset", "build_datasets", "default_cache_root", "parse_blend"]
@@ -61,7 +62,8 @@ def parse_blend(items: list[str], field: str) -> Blend:
         and their weights (None: mix in proportion to dataset sizes).
 
     Raises:
-        DataConfigError: Mixed weighted/unweighted items, bad weights, or a missing dataset.
+        DataConfigError: Mixed weighted/unweighted items or bad weights.
+        DataNotFoundError: A missing dataset.
     """
     items = [str(x).strip() for x in items]
     weighted = len(items) % 2 == 0 and all(_is_float(w) for w in items[0::2])
@@ -81,7 +83,7 @@ def parse_blend(items: list[str], field: str) -> Blend:
                 f"prefix, ...] with a weight before every prefix, got {items}"
             )
         if not IndexedDataset.exists(p):
-            raise DataConfigError(
+            raise DataNotFoundError(
                 f"data.{field}: no dataset at {p!r} ({p}.bin and {p}.idx); create it with "
                 "`python -m indexcache_train.data.preprocess` or scripts/build_default_corpus.py"
             )
@@ -183,7 +185,8 @@ def build_datasets(
         ranks where ``is_built_on_rank()`` is False.
 
     Raises:
-        DataConfigError: Bad data sources or a ``cfg.seq_length`` that differs from
+        DataConfigError: Bad data sources (missing, damaged, or too small for one sample: see
+            :mod:`indexcache_train.data.checks`) or a ``cfg.seq_length`` that differs from
             ``seq_length``.
         TokenizerError: The tokenizer does not load.
     """
@@ -195,6 +198,7 @@ def build_datasets(
         )
     if train_samples < 1:
         raise DataConfigError(f"train_samples must be >= 1, got {train_samples}")
+    check_data_sources(cfg, seq_length)
     tokenizer = load_tokenizer(cfg.tokenizer_path())
     data_seed = cfg.seed if cfg.seed is not None else seed
     gpt_cfg = _gpt_config(cfg, tokenizer, seq_length, data_seed)

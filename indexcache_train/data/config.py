@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BUNDLED_CORPUS_DIR", "BUNDLED_TOKENIZER", "DataConfig", "DataConfigError"]
+__all__ = [
+    "BUNDLED_CORPUS_DIR",
+    "BUNDLED_TOKENIZER",
+    "DataConfig",
+    "DataConfigError",
+    "DataNotFoundError",
+]
 
 #: The embedded default corpus (``scripts/build_default_corpus.py`` writes it).
 BUNDLED_CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "default"
@@ -22,6 +28,10 @@ _KINDS = ("indexed", "mock")
 
 class DataConfigError(ValueError):
     """Invalid data configuration; the message names the field and the fix."""
+
+
+class DataNotFoundError(DataConfigError):
+    """A data prefix whose files do not exist (on this machine: a dry run may be elsewhere)."""
 
 
 @dataclass

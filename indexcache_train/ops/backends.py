@@ -72,7 +72,6 @@ class ModelFacts:
     qk_head_dim: int
     v_head_dim: int
     attention: frozenset[str]  # the recipe's stage forms: "dense" (warm-up) / "sparse"
-    tensor_parallel_size: int = 1
 
 
 class KernelUnavailableError(RuntimeError):

@@ -8,18 +8,20 @@ Layout of a run's checkpoint directory::
         run_config.yaml         the resolved config this run trains with
         model_config.yaml       the model (HF config, schedule keys explicit): `checkpoint_tools
                                 export --ckpt step_XXXXXXXX` reads it
+        manifest.json           the size of every file (completeness check on resume)
       latest                    name of the newest complete checkpoint
 
-Every rank writes its shards into ``step_X.tmp``; after a barrier rank 0 writes the metadata
-files and renames the directory, so a crash never leaves a directory that looks complete. The
-optimizer uses Megatron's ``dp_reshardable`` format (the default format was refused by
-Megatron's own validator in 0.19.2; see docs/megatron-notes).
+Every rank writes its shards into ``step_X.tmp``; once all ranks agree the shards are written,
+rank 0 seals the directory (:mod:`.checkpoint_files`: fsync, manifest, rename), so a crash never
+leaves a directory that looks complete, and a failed save (a full disk) removes its temporary
+and says so. The optimizer uses Megatron's ``dp_reshardable`` format (the default format was
+refused by Megatron's own validator in 0.19.2; see docs/megatron-notes).
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +30,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from indexcache_train.training import checkpoint_files as files_on_disk
+from indexcache_train.training.checkpoint_files import LATEST, STATE_FILE, TMP_SUFFIX
+
 STEP_PREFIX = "step_"
-STATE_FILE = "trainer_state.json"
 OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded; the message names the directory and the fix."""
 
 
 @dataclass(frozen=True)
@@ -74,42 +82,88 @@ def step_dir(root: Path, step: int) -> Path:
 def save(
     root: Path, chunks: list, optimizer: Any, state: TrainerState, files: dict[str, str]
 ) -> Path:
-    """Save model chunks (unwrapped modules) + optimizer; returns the final directory."""
+    """Save model chunks (unwrapped modules) + optimizer; returns the final directory.
+
+    Raises:
+        CheckpointError: On any rank's failure (a full disk included), after the partial
+            ``step_X.tmp`` is removed; the previous checkpoint is untouched.
+    """
     from megatron.core import dist_checkpointing
 
+    from indexcache_train.training.model_setup import ensure_optimizer_state
+
     final = step_dir(root, state.step)
-    tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    dist_checkpointing.save(_sharded(chunks, optimizer, is_loading=False), str(tmp))
-    _barrier()
-    if _rank() == 0:
-        (tmp / STATE_FILE).write_text(state.to_json())
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, root / "latest")
-    _barrier()
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    # A stage whose every update was skipped has no Adam state yet, and Megatron's
+    # DistributedOptimizer.state_dict asserts on that; a fresh (zero) state is what the first
+    # update would create.
+    ensure_optimizer_state(optimizer)
+    error: BaseException | None = None
+    try:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        dist_checkpointing.save(_sharded(chunks, optimizer, is_loading=False), str(tmp))
+    except Exception as e:  # every rank reaches the agreement below, whatever failed
+        error = e
+    if _all_ok(error is None) and _rank() == 0:
+        try:
+            files_on_disk.seal(tmp, final, {STATE_FILE: state.to_json(), **files})
+            files_on_disk.write_durable(root / LATEST, final.name)
+        except Exception as e:
+            error = e
+    if not _all_ok(error is None):
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failure(root, final, error)) from error
     return final
 
 
-def latest(root: Path) -> Path | None:
-    """Newest *complete* checkpoint (``latest`` pointer, else the highest step with a state file)."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        d = root / pointer.read_text().strip()
-        if (d / STATE_FILE).is_file():
-            return d
-    candidates = sorted(
-        p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()
+def _all_ok(ok: bool) -> bool:
+    """Whether every rank succeeded (one tiny all-reduce; a barrier would hang on a failure)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag) == 0.0
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True  # torch DCP re-raises rank failures as text in a CheckpointException
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _save_failure(root: Path, final: Path, error: BaseException | None) -> str:
+    previous = files_on_disk.newest_complete(root)[0]
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
+    if error is None:
+        cause = "another rank failed (its log has the error)"
+    elif _is_disk_full(error):
+        free = shutil.disk_usage(root).free / 2**30
+        cause = (
+            f"no space left on the device of {root} ({free:.1f} GiB free); free space, lower "
+            "checkpoint.keep_last or point checkpoint.dir at a larger filesystem"
+        )
+    else:
+        cause = f"{type(error).__name__}: {error}"
+    return (
+        f"saving checkpoint {final.name} failed: {cause}. The partial {final.name}{TMP_SUFFIX} "
+        f"was removed and {kept}; rerun to resume from it"
     )
-    return candidates[-1] if candidates else None
+
+
+def latest(root: Path) -> tuple[Path | None, list[str]]:
+    """Newest *complete* checkpoint under ``root`` and a warning per newer incomplete one (see
+    :func:`~indexcache_train.training.checkpoint_files.newest_complete`)."""
+    return files_on_disk.newest_complete(root)
 
 
 def read_state(d: Path) -> TrainerState:
@@ -131,6 +185,7 @@ def load(d: Path, chunks: list, optimizer: Any | None) -> TrainerState:
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
+    check_finite(chunks, d)
     return read_state(d)
 
 
@@ -158,16 +213,50 @@ def load_model_only(d: Path, chunks: list) -> None:
     loaded = dist_checkpointing.load(_sharded(chunks, None, is_loading=True), str(d))
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    check_finite(chunks, d)
+
+
+@torch.no_grad()
+def check_finite(chunks: list, source: Path) -> None:
+    """Refuse weights with NaN/inf right after loading them: training would report a
+    non-finite loss at step 1 and blame the learning rate.
+
+    Raises:
+        CheckpointError: Names the first bad tensors and the checkpoint.
+    """
+    bad = [
+        name
+        for c in chunks
+        for name, t in [*c.named_parameters(), *c.named_buffers()]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    flag = torch.tensor([float(len(bad))], device=_device_of(chunks))
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops, not only the owner
+    if float(flag) > 0:
+        where = f"tensor(s) {bad[:5]}{' ...' if len(bad) > 5 else ''}" if bad else "another rank"
+        raise CheckpointError(
+            f"checkpoint {source} holds non-finite values (NaN/inf) in {where}: the checkpoint "
+            "itself is broken, not the training settings. Re-create it (e.g. `python -m "
+            "checkpoint_tools import` from the HF weights, whose values `python -m "
+            "checkpoint_tools verify` checks) or load another one"
+        )
+
+
+def _device_of(chunks: list) -> torch.device:
+    for c in chunks:
+        for p in c.parameters():
+            return p.device
+    return torch.device("cpu")
 
 
 def apply_retention(root: Path, keep_last: int, protected: set[str]) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints (never ``protected`` or ``latest``)."""
+    """Delete all but the newest ``keep_last`` complete checkpoints (never ``protected`` or
+    ``latest``; incomplete ones are not counted, so they never push a good one out)."""
     if _rank() != 0 or keep_last <= 0:
         return []
-    done = sorted(
-        p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and (p / STATE_FILE).is_file()
-    )
-    pointer = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    done = [p for p in files_on_disk.step_dirs(root) if files_on_disk.incomplete_reason(p) is None]
+    pointer = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
     removed = []
     for p in done[:-keep_last]:
         if p.name in protected or p.name == pointer:

@@ -19,6 +19,26 @@ from indexcache_train.config.validate import Resolved
 log = logging.getLogger("indexcache_train")
 
 
+def check_data_here(cfg: TrainConfig) -> None:
+    """The data files, if this machine has them (a dry run often runs on a login node that
+    does not mount the training data: then say so instead of failing).
+
+    Raises:
+        DataConfigError: Data files that exist but are damaged or too small.
+    """
+    from indexcache_train.data import DataNotFoundError, check_data_sources
+
+    try:
+        tokens = check_data_sources(cfg.data, cfg.model.seq_length)
+    except DataNotFoundError as e:
+        log.warning("dry run | data NOT checked on this machine: %s", e)
+        return
+    if cfg.data.kind != "mock":
+        samples = cfg.total_steps * cfg.optim.global_batch_size
+        epochs = samples * cfg.model.seq_length / max(tokens, 1)
+        log.info("dry run | data OK | %d training tokens (%.2f epochs)", tokens, epochs)
+
+
 def dry_run(cfg: TrainConfig, resolved: Resolved) -> dict[str, float]:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -26,6 +46,7 @@ def dry_run(cfg: TrainConfig, resolved: Resolved) -> dict[str, float]:
     from indexcache_train.training import runtime
 
     compat.apply()
+    check_data_here(cfg)
     world = cfg.run.world_size or runtime.discover_ranks().world_size
     pp = cfg.parallel.pipeline_model_parallel_size
 

@@ -1,112 +1,79 @@
-"""The training job: ``run(cfg)`` from a composed, typed config to a finished run."""
+"""The training job: ``run(cfg)`` from a composed, typed config to a finished run.
+
+Order of a run (everything that can be refused is refused before the model exists): validate,
+process groups, resume point (config compared with the checkpoint's), datasets (files checked),
+model, checkpoint or pretrained weights, then the step loop and the end-of-run summary.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-import signal
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from indexcache_train.config.compose import to_yaml
 from indexcache_train.config.schema import TrainConfig
 from indexcache_train.config.validate import Resolved, validate
-from indexcache_train.model.forward_state import take_state_peak_bytes
 from indexcache_train.training import checkpointing as ckpt
 from indexcache_train.training import runtime
-from indexcache_train.training.flops import device_peak_tflops, step_flops
-from indexcache_train.training.lr import apply_lr
+from indexcache_train.training.console import end_of_run_summary, setup_logging
+from indexcache_train.training.evaluation import eval_line, evaluate
+from indexcache_train.training.flops import device_peak_tflops
+from indexcache_train.training.loggers import MetricsLogger, last_row, make_logger
 from indexcache_train.training.model_setup import Wrapped, build_chunks, switch_stage, wrap_stage
 from indexcache_train.training.moe_metrics import ExpertLoadTracker
-from indexcache_train.training.observability import Throughput, make_logger, memory_gib, step_line
-from indexcache_train.training.stages import distill_settings, position
-from indexcache_train.training.step import StepRunner, eval_metrics, multi_loss_by_full_layer
+from indexcache_train.training.nonfinite import NonFiniteGuard
+from indexcache_train.training.observability import Throughput, step_line
+from indexcache_train.training.resume import ResumePoint, find_resume_point, prepare_run_dir
+from indexcache_train.training.signals import StopRequest
+from indexcache_train.training.stages import StagePosition, position
+from indexcache_train.training.step import StepRunner
+from indexcache_train.training.update import train_step
 
 log = logging.getLogger("indexcache_train")
 
 
 @dataclass
-class _Stop:
-    """SIGTERM only sets a flag (a rank may get it twice: from Slurm and from torchrun); all ranks
-    agree at the next step boundary, save, and exit."""
+class Job:
+    """Everything the step loop reads and advances."""
 
-    requested: bool = False
-    previous: dict = field(default_factory=dict)
+    cfg: TrainConfig
+    resolved: Resolved
+    device: torch.device
+    out_dir: Path
+    ckpt_root: Path
+    is_logging_rank: bool
+    wrapped: Wrapped
+    wrap_index: int
+    tcfg: Any
+    expert_load: ExpertLoadTracker
+    runner: StepRunner
+    train_iter: Any
+    valid_ds: Any
+    meter: Throughput
+    logger: MetricsLogger
+    step: int
+    consumed: int
+    guard: NonFiniteGuard
+    stop: StopRequest = field(default_factory=StopRequest)
+    metrics: dict[str, float] = field(default_factory=dict)
+    steps_this_process: int = 0
+    checkpoint: Path | None = None
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-
-def _setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s",
-        force=True,
-    )
-    # Megatron logs every DDP bucket and optimizer setting at INFO; keep the step lines readable.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-
-
-def _data(cfg: TrainConfig, resolved: Resolved, consumed: int, dp_rank: int):
-    from indexcache_train.data import build_dataloader, build_datasets
-
-    o = cfg.optim
-    total_samples = cfg.total_steps * o.global_batch_size
-    eval_runs = (
-        cfg.total_steps // cfg.logging.eval_interval if cfg.logging.eval_interval else 0
-    ) + 1
-    valid_samples = eval_runs * cfg.logging.eval_iters * o.global_batch_size
-    train_ds, valid_ds = build_datasets(
-        cfg.data,
-        seq_length=cfg.model.seq_length,
-        train_samples=total_samples,
-        valid_samples=valid_samples,
-        seed=cfg.run.seed,
-    )
-    loader = build_dataloader(
-        train_ds,
-        o.micro_batch_size,
-        consumed,
-        data_parallel_rank=dp_rank,
-        data_parallel_size=resolved.data_parallel_size,
-        num_workers=cfg.data.num_workers,
-    )
-    return iter(loader), valid_ds
-
-
-def _files(cfg: TrainConfig, resolved: Resolved) -> dict[str, str]:
-    from checkpoint_tools.megatron_dir import MODEL_CONFIG_NAME, model_config_yaml
-
-    # The same model_config.yaml `checkpoint_tools import` writes: `export` reads trainer
-    # checkpoints directly.
-    model = resolved.model
-    return {
-        "run_config.yaml": to_yaml(cfg),
-        MODEL_CONFIG_NAME: model_config_yaml(model.to_hf_config(), model),
-    }
+    @property
+    def total(self) -> int:
+        return self.cfg.total_steps
 
 
 def run(cfg: TrainConfig) -> dict[str, float]:
     """Train; returns the last step's metrics (rank 0; other ranks the same values)."""
     ranks = runtime.discover_ranks()
-    _setup_logging(ranks.rank)
+    setup_logging(ranks.rank)
     world = cfg.run.world_size if cfg.run.dry_run and cfg.run.world_size else ranks.world_size
     resolved = validate(cfg, world)
     if cfg.run.dry_run:
@@ -118,47 +85,69 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     runtime.seed_everything(cfg.run.seed)
     out_dir = runtime.run_dir(cfg)
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
+    point = find_resume_point(cfg, ckpt_root)
     if ranks.rank == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run_config.yaml").write_text(to_yaml(cfg))
-        log.info("resolved config:\n%s", to_yaml(cfg))
-        log.info("schedule: %s", resolved.model.schedule.describe())
-        if resolved.pipeline_layout:
-            log.info("pipeline layout: %s", resolved.pipeline_layout)
-
-    chunks, tcfg = build_chunks(cfg, resolved.model, resolved.pipeline_layout, device)
-    resume_dir = ckpt.latest(ckpt_root) if cfg.checkpoint.auto_resume else None
-    start_step, consumed = 0, 0
-    if resume_dir is not None:
-        state = ckpt.read_state(resume_dir)
-        start_step, consumed = state.step, state.consumed_train_samples
-    elif cfg.checkpoint.load_pretrained:
-        ckpt.load_model_only(Path(cfg.checkpoint.load_pretrained), chunks)
-
-    total = cfg.total_steps
-    if start_step >= total:
-        log.info("run already complete (%d/%d steps)", start_step, total)
+        prepare_run_dir(cfg, out_dir, ckpt_root, point)
+        _log_setup(cfg, resolved)
+    if point.step >= cfg.total_steps:
+        if ranks.rank == 0:
+            log.info("run already complete (%d/%d steps)", point.step, cfg.total_steps)
+            log.info(_summary_of(cfg, point, out_dir))
         return {}
-    # Wrap for the stage whose optimizer wrote the checkpoint (a stage-end checkpoint belongs to
-    # the stage that just finished); the loop switches stages when the next step needs it.
-    wrap_index = position(cfg, max(start_step - 1, 0)).index
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    job = _build(cfg, resolved, ranks.rank == 0, device, out_dir, ckpt_root, point)
+    job.stop.install()
+    try:
+        _train(job)
+    finally:
+        job.stop.uninstall()
+    return _finish(job)
 
-    expert_load = ExpertLoadTracker(chunks, resolved.model, finalize_model_grads)
-    wrapped = wrap_stage(cfg, chunks, tcfg, cfg.recipe.stages[wrap_index], expert_load)
-    if resume_dir is not None:
-        # The checkpoint was saved by the stage it belongs to; load with that stage's optimizer.
-        ckpt.load(resume_dir, [c.module for c in wrapped.ddp_chunks], wrapped.optimizer)
-        log.info("resumed from %s (step %d, %d samples)", resume_dir, start_step, consumed)
 
-    dp_rank = ps.get_data_parallel_rank()
-    train_iter, valid_ds = _data(cfg, resolved, consumed, dp_rank)
+def _log_setup(cfg: TrainConfig, resolved: Resolved) -> None:
+    log.info("resolved config:\n%s", to_yaml(cfg))
+    log.info("schedule: %s", resolved.model.schedule.describe())
+    if resolved.pipeline_layout:
+        log.info("pipeline layout: %s", resolved.pipeline_layout)
+
+
+def _datasets(cfg: TrainConfig):
+    """Train/validation datasets; their files are checked here, before the model is built."""
+    from indexcache_train.data import build_datasets
+
+    gbs = cfg.optim.global_batch_size
+    eval_runs = (
+        cfg.total_steps // cfg.logging.eval_interval if cfg.logging.eval_interval else 0
+    ) + 1
+    return build_datasets(
+        cfg.data,
+        seq_length=cfg.model.seq_length,
+        train_samples=cfg.total_steps * gbs,
+        valid_samples=eval_runs * cfg.logging.eval_iters * gbs,
+        seed=cfg.run.seed,
+    )
+
+
+def _train_iterator(cfg: TrainConfig, resolved: Resolved, train_ds, consumed: int):
+    from indexcache_train.data import build_dataloader
+
+    loader = build_dataloader(
+        train_ds,
+        cfg.optim.micro_batch_size,
+        consumed,
+        data_parallel_rank=ps.get_data_parallel_rank(),
+        data_parallel_size=resolved.data_parallel_size,
+        num_workers=cfg.data.num_workers,
+    )
+    return iter(loader)
+
+
+def _runner(cfg: TrainConfig, resolved: Resolved, device: torch.device) -> StepRunner:
     eod = None
     if cfg.data.pack_documents:
         from indexcache_train.data import load_tokenizer
 
         eod = load_tokenizer(cfg.data.tokenizer_path()).eod
-    runner = StepRunner(
+    return StepRunner(
         resolved.model.schedule,
         cfg.model.seq_length,
         cfg.optim.micro_batch_size,
@@ -167,101 +156,150 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         cp_rank=ps.get_context_parallel_rank(),
         packed_eod=eod,
     )
+
+
+def _build(
+    cfg: TrainConfig,
+    resolved: Resolved,
+    is_logging_rank: bool,
+    device: torch.device,
+    out_dir: Path,
+    ckpt_root: Path,
+    point: ResumePoint,
+) -> Job:
+    """Datasets, model, weights (checkpoint or pretrained), optimizer, sinks: a ready job."""
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    train_ds, valid_ds = _datasets(cfg)
+    chunks, tcfg = build_chunks(cfg, resolved.model, resolved.pipeline_layout, device)
+    if point.directory is None and cfg.checkpoint.load_pretrained:
+        ckpt.load_model_only(Path(cfg.checkpoint.load_pretrained), chunks)
+    # Wrap for the stage whose optimizer wrote the checkpoint (a stage-end checkpoint belongs to
+    # the stage that just finished); the loop switches stages when the next step needs it.
+    wrap_index = point.state.stage_index if point.state else 0
+    expert_load = ExpertLoadTracker(chunks, resolved.model, finalize_model_grads)
+    wrapped = wrap_stage(cfg, chunks, tcfg, cfg.recipe.stages[wrap_index], expert_load)
+    if point.directory is not None:
+        ckpt.load(point.directory, [c.module for c in wrapped.ddp_chunks], wrapped.optimizer)
+        log.info(
+            "resumed from %s (step %d, %d samples)",
+            point.directory,
+            point.step,
+            point.consumed_samples,
+        )
     peak = cfg.logging.peak_tflops or (
         device_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     )
-    meter = Throughput(ranks.world_size, peak)
-    is_logging_rank = ranks.rank == 0
-    logger = make_logger(
-        cfg.logging.wandb_mode,
-        cfg.logging.wandb_project,
-        out_dir.name,
-        dataclasses.asdict(cfg),
-        str(out_dir),
-        is_logging_rank,
+    resume_step = point.step if point.directory is not None else -1
+    return Job(
+        cfg=cfg,
+        resolved=resolved,
+        device=device,
+        out_dir=out_dir,
+        ckpt_root=ckpt_root,
+        is_logging_rank=is_logging_rank,
+        wrapped=wrapped,
+        wrap_index=wrap_index,
+        tcfg=tcfg,
+        expert_load=expert_load,
+        runner=_runner(cfg, resolved, device),
+        train_iter=_train_iterator(cfg, resolved, train_ds, point.consumed_samples),
+        valid_ds=valid_ds,
+        meter=Throughput(torch.distributed.get_world_size(), peak),
+        logger=make_logger(cfg, out_dir, resume_step, dataclasses.asdict(cfg), is_logging_rank),
+        step=point.step,
+        consumed=point.consumed_samples,
+        guard=NonFiniteGuard(cfg.optim.on_nonfinite, cfg.optim.max_consecutive_skips),
+        checkpoint=point.directory,
     )
-    stop = _Stop()
-    stop.install()
-    nonfinite = _NonFiniteGuard(cfg.optim.on_nonfinite, cfg.optim.max_consecutive_skips)
-    metrics: dict[str, float] = {}
-    steps_this_process = 0
-    step = start_step
-    if cfg.logging.eval_interval and start_step == 0:
-        # Baseline before the first update (e.g. L_multi of the loaded indexers).
-        first = position(cfg, 0)
-        _record_eval(
-            out_dir,
-            0,
-            first.stage.name,
-            _evaluate(cfg, resolved, wrapped, runner, valid_ds, first, device, is_logging_rank),
-            is_logging_rank,
+
+
+def _train(job: Job) -> None:
+    """Steps until the recipe ends, a stop is agreed, or ``exit_after_steps``."""
+    cfg = job.cfg
+    if cfg.logging.eval_interval and job.step == 0:
+        _evaluate(job, position(cfg, 0))  # baseline before the first update
+    while job.step < job.total:
+        pos = position(cfg, job.step)
+        _enter_stage(job, pos)
+        metrics = train_step(
+            cfg,
+            job.resolved,
+            job.wrapped,
+            job.runner,
+            job.train_iter,
+            pos,
+            job.step,
+            job.meter,
+            job.device,
+            job.guard,
         )
-    while step < total:
-        pos = position(cfg, step)
-        if pos.index != wrap_index:
-            wrapped = switch_stage(cfg, wrapped, tcfg, pos.stage, expert_load)
-            wrap_index = pos.index
-            log.info(
-                "stage switch at step %d -> %s (trainable: %s, attention: %s)",
-                step,
-                pos.stage.name,
-                pos.stage.trainable,
-                pos.stage.attention,
-            )
-        metrics = _train_step(
-            cfg, resolved, wrapped, runner, train_iter, pos, step, meter, device, nonfinite
-        )
-        metrics.update(expert_load.metrics(device))
-        step += 1
-        steps_this_process += 1
-        consumed += cfg.optim.global_batch_size
-        if is_logging_rank and (step % cfg.logging.log_interval == 0 or step == total):
-            log.info(step_line(step, total, pos.stage.name, metrics, meter.eta_s(total - step)))
-        if is_logging_rank:
-            with open(
-                out_dir / "metrics.jsonl", "a"
-            ) as f:  # every step; golden curves and resume checks
-                f.write(json.dumps({"step": step, "stage": pos.stage.name, **metrics}) + "\n")
-        logger.log(metrics, step)
-        if cfg.logging.eval_interval and step % cfg.logging.eval_interval == 0 and step < total:
-            evaluated = _evaluate(
-                cfg, resolved, wrapped, runner, valid_ds, pos, device, is_logging_rank
-            )
-            _record_eval(out_dir, step, pos.stage.name, evaluated, is_logging_rank)
-            metrics.update(evaluated)
-        reason = _save_reason(cfg, pos, step, total, stop, device, steps_this_process)
+        metrics.update(job.expert_load.metrics(job.device))
+        job.step += 1
+        job.steps_this_process += 1
+        job.consumed += cfg.optim.global_batch_size
+        _record_step(job, pos, metrics)
+        if cfg.logging.eval_interval and job.step % cfg.logging.eval_interval == 0:
+            if job.step < job.total:  # the final evaluation runs in _finish
+                metrics.update(_evaluate(job, pos))
+        job.metrics = metrics
+        reason = _save_reason(job, pos)
         if reason:
-            state = ckpt.TrainerState(step, pos.index, consumed, reason)
-            d = ckpt.save(
-                ckpt_root,
-                [c.module for c in wrapped.ddp_chunks],
-                wrapped.optimizer,
-                state,
-                _files(cfg, resolved),
-            )
-            stage_ends = {ckpt.step_dir(ckpt_root, s).name for s in _stage_end_steps(cfg)}
-            ckpt.apply_retention(ckpt_root, cfg.checkpoint.keep_last, stage_ends)
-            if is_logging_rank:
-                log.info("saved %s (%s)", d, reason)
-            if reason == "signal" or _exit_requested(cfg, steps_this_process):
+            _save(job, pos, reason)
+            if reason == "signal" or _exit_requested(job):
                 break
-    if step == total:
-        last = position(cfg, total - 1)
-        evaluated = _evaluate(
-            cfg, resolved, wrapped, runner, valid_ds, last, device, is_logging_rank
-        )
-        _record_eval(out_dir, step, last.stage.name, evaluated, is_logging_rank)
-        metrics.update(evaluated)
-        if is_logging_rank:
-            log.info(
-                "final eval | "
-                + " | ".join(
-                    f"{k} {v:.5g}" for k, v in sorted(metrics.items()) if k.startswith("eval/")
-                )
-            )
-    logger.log(metrics, step)
-    logger.finish()
+
+
+def _enter_stage(job: Job, pos: StagePosition) -> None:
+    if pos.index == job.wrap_index:
+        return
+    job.wrapped = switch_stage(job.cfg, job.wrapped, job.tcfg, pos.stage, job.expert_load)
+    job.wrap_index = pos.index
+    log.info(
+        "stage switch at step %d -> %s (trainable: %s, attention: %s)",
+        job.step,
+        pos.stage.name,
+        pos.stage.trainable,
+        pos.stage.attention,
+    )
+
+
+def _record_step(job: Job, pos: StagePosition, metrics: dict[str, float]) -> None:
+    if job.is_logging_rank and (
+        job.step % job.cfg.logging.log_interval == 0 or job.step == job.total
+    ):
+        eta = job.meter.eta_s(job.total - job.step)
+        log.info(step_line(job.step, job.total, pos.stage.name, metrics, eta))
+    job.logger.log("train", job.step, pos.stage.name, metrics)
+
+
+def _evaluate(job: Job, pos: StagePosition) -> dict[str, float]:
+    metrics = evaluate(job.cfg, job.resolved, job.wrapped, job.runner, job.valid_ds, pos)
+    if metrics:
+        job.logger.log("eval", job.step, pos.stage.name, metrics)
+        if job.is_logging_rank:
+            log.info(eval_line(job.step, metrics))
     return metrics
+
+
+def _exit_requested(job: Job) -> bool:
+    n = job.cfg.checkpoint.exit_after_steps
+    return bool(n) and job.steps_this_process >= n
+
+
+def _save_reason(job: Job, pos: StagePosition) -> str | None:
+    if job.stop.agreed(job.device):
+        return "signal"
+    if job.step == job.total:
+        return "final"
+    if pos.is_last_step_of_stage:
+        return "stage_end"
+    if _exit_requested(job):
+        return "exit_after_steps"
+    interval = job.cfg.checkpoint.save_interval
+    if interval and job.step % interval == 0:
+        return "interval"
+    return None
 
 
 def _stage_end_steps(cfg: TrainConfig) -> list[int]:
@@ -272,204 +310,60 @@ def _stage_end_steps(cfg: TrainConfig) -> list[int]:
     return out
 
 
-def _exit_requested(cfg: TrainConfig, steps_this_process: int) -> bool:
-    n = cfg.checkpoint.exit_after_steps
-    return bool(n) and steps_this_process >= n
+def _checkpoint_files(cfg: TrainConfig, resolved: Resolved) -> dict[str, str]:
+    from checkpoint_tools.megatron_dir import MODEL_CONFIG_NAME, model_config_yaml
 
-
-def _save_reason(cfg, pos, step, total, stop: _Stop, device, steps_this_process) -> str | None:
-    if stop.agreed(device):
-        return "signal"
-    if step == total:
-        return "final"
-    if pos.is_last_step_of_stage:
-        return "stage_end"
-    if _exit_requested(cfg, steps_this_process):
-        return "exit_after_steps"
-    if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
-        return "interval"
-    return None
-
-
-def _train_step(
-    cfg,
-    resolved,
-    wrapped: Wrapped,
-    runner: StepRunner,
-    train_iter: Iterator,
-    pos,
-    step,
-    meter,
-    device,
-    guard: _NonFiniteGuard,
-):
-    stage = pos.stage
-    lr = apply_lr(wrapped.optimizer, stage, pos.step_in_stage, cfg.optim.weight_decay)
-    for c in wrapped.ddp_chunks:
-        c.zero_grad_buffer()
-    wrapped.optimizer.zero_grad()
-    frozen = stage.trainable == "indexers"
-    result = runner.run(
-        wrapped.ddp_chunks,
-        train_iter,
-        resolved.num_microbatches,
-        attention=stage.attention,
-        distill=distill_settings(cfg),
-        frozen_trunk=frozen,
-        forward_only=False,
-    )
-    # Checked before the update: a NaN/inf step never reaches the weights (Megatron's bf16
-    # optimizer has no loss scaler to catch it, and clipping passes a NaN norm through).
-    reason = _nonfinite_reason(result, wrapped, frozen, device)
-    if guard.check(reason, step + 1):
-        ok, grad_norm = False, None
-    else:
-        ok, grad_norm, _ = wrapped.optimizer.step()
-    tokens = cfg.optim.global_batch_size * cfg.model.seq_length
-    flops = step_flops(
-        resolved.model, cfg.model.seq_length, tokens, stage.attention, not frozen, cfg.distill.mode
-    )
-    per_full = multi_loss_by_full_layer(result.kl, resolved.model.schedule, distill_settings(cfg))
-    metrics = {
-        "loss/lm": result.lm_loss,
-        # Averaged over Full layers only (a known upstream bug divides by all layers).
-        "loss/indexer": sum(per_full.values()) / len(per_full) if per_full else float("nan"),
-        "optim/lr": lr,
-        "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "optim/indexer_grad_norm": _group_grad_norm(wrapped.optimizer, "indexer"),
-        "optim/update_ok": float(bool(ok)),
-        "optim/skipped": float(reason is not None),
-        "memory/gib": memory_gib(device),
-        "memory/dsa_state_peak_gib": take_state_peak_bytes() / 2**30,
-        "flops/total": flops.total,
-        **meter.tick(tokens, flops.total),
+    # The same model_config.yaml `checkpoint_tools import` writes: `export` reads trainer
+    # checkpoints directly.
+    model = resolved.model
+    return {
+        "run_config.yaml": to_yaml(cfg),
+        MODEL_CONFIG_NAME: model_config_yaml(model.to_hf_config(), model),
     }
-    metrics.update({f"indexcache/l_multi/layer{k}": v for k, v in per_full.items()})
-    metrics.update({f"indexcache/kl/{a}->{b}": v for (a, b), v in result.kl.items()})
-    return metrics
 
 
-class _NonFiniteGuard:
-    """``optim.on_nonfinite``: stop at the first non-finite step, or skip up to N in a row."""
-
-    def __init__(self, mode: str, max_consecutive: int) -> None:
-        self.mode, self.max_consecutive = mode, max_consecutive
-        self.consecutive = 0
-
-    def check(self, reason: str | None, step: int) -> bool:
-        """True: skip this step's update. Raises when the run must stop."""
-        if reason is None:
-            self.consecutive = 0
-            return False
-        self.consecutive += 1
-        if self.mode == "stop":
-            raise FloatingPointError(
-                f"step {step}: {reason}; stopped before the update, so the weights and the last "
-                "checkpoint are clean. Lower the learning rate or resume with "
-                "optim.on_nonfinite=skip to drop such steps"
-            )
-        if self.consecutive > self.max_consecutive:
-            raise FloatingPointError(
-                f"step {step}: {reason}, the {self.consecutive}th non-finite step in a row "
-                f"(optim.max_consecutive_skips={self.max_consecutive}); the run diverged, "
-                "resume from an earlier checkpoint with a lower learning rate"
-            )
-        log.warning("step %d: %s; update skipped (optim.on_nonfinite=skip)", step, reason)
-        return True
-
-
-def _nonfinite_reason(result, wrapped: Wrapped, frozen: bool, device) -> str | None:
-    """Why this step must not update (None: it may). The losses are already reduced over the
-    world; the gradient flag is reduced here, so every rank takes the same decision."""
-    if not frozen and not math.isfinite(result.lm_loss):
-        return f"non-finite LM loss ({result.lm_loss})"
-    bad_terms = sorted(pair for pair, v in result.kl.items() if not math.isfinite(v))
-    if bad_terms:
-        return f"non-finite distillation terms (Full layer -> served layer) {bad_terms}"
-    flag = torch.zeros(1, device=device)
-    for chunk in wrapped.ddp_chunks:
-        for buf in [*chunk.buffers, *chunk.expert_parallel_buffers]:
-            flag = torch.maximum(flag, (~torch.isfinite(buf.grad_data)).any().float())
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return "non-finite gradients" if float(flag) > 0 else None
-
-
-def _group_grad_norm(optimizer, group: str) -> float:
-    """Norm of a separately clipped parameter group (the indexers are clipped on their own, so
-    the main ``grad_norm`` leaves them out; in the warm-up it is 0). A ``ChainedOptimizer``
-    keeps the group norms itself (its sub-optimizers' stay empty); a lone optimizer in its own
-    ``grad_norms_by_group``. Megatron computes them only when ``clip_grad > 0``: NaN otherwise."""
-    own = getattr(optimizer, "grad_norms_by_group", None) or {}
-    if own.get(group) is not None:
-        return float(own[group])
-    norms = [
-        o.grad_norms_by_group.get(group)
-        for o in getattr(optimizer, "chained_optimizers", [optimizer])
-        if getattr(o, "grad_norms_by_group", None)
-    ]
-    norms = [float(n) for n in norms if n is not None]
-    return math.sqrt(sum(n * n for n in norms)) if norms else float("nan")
-
-
-def _evaluate(
-    cfg, resolved, wrapped: Wrapped, runner: StepRunner, valid_ds, pos, device, is_logging_rank
-) -> dict[str, float]:
-    """Held-out LM loss, every served layer's KL term and every layer's top-k recall, with the
-    current stage's attention (no graphs). The same first ``eval_iters`` validation batches
-    every time, so evaluations compare across steps and runs."""
-    if valid_ds is None:
-        return {}
-    from indexcache_train.data import build_dataloader
-
-    loader = iter(
-        build_dataloader(
-            valid_ds,
-            cfg.optim.micro_batch_size,
-            0,
-            data_parallel_rank=ps.get_data_parallel_rank(),
-            data_parallel_size=resolved.data_parallel_size,
-            num_workers=0,
-        )
+def _save(job: Job, pos: StagePosition, reason: str) -> None:
+    state = ckpt.TrainerState(job.step, pos.index, job.consumed, reason)
+    job.checkpoint = ckpt.save(
+        job.ckpt_root,
+        [c.module for c in job.wrapped.ddp_chunks],
+        job.wrapped.optimizer,
+        state,
+        _checkpoint_files(job.cfg, job.resolved),
     )
-    for c in wrapped.ddp_chunks:
-        c.eval()
-    # Measure the terms of *every* served layer (multi mode, no graph) whatever the run trains
-    # with, so an own_layer run reports the same L_multi / Shared-layer KL as a multi run.
-    measure = dataclasses.replace(distill_settings(cfg, training=False), mode="multi")
-    lm, kl, recall, n = 0.0, {}, {}, 0
-    with torch.no_grad():
-        for _ in range(cfg.logging.eval_iters):
-            r = runner.run(
-                wrapped.ddp_chunks,
-                loader,
-                resolved.num_microbatches,
-                attention=pos.stage.attention,
-                distill=measure,
-                frozen_trunk=False,
-                forward_only=True,
-                measure_recall=True,
+    stage_ends = {ckpt.step_dir(job.ckpt_root, s).name for s in _stage_end_steps(job.cfg)}
+    ckpt.apply_retention(job.ckpt_root, job.cfg.checkpoint.keep_last, stage_ends)
+    if job.is_logging_rank:
+        log.info("saved %s (%s)", job.checkpoint, reason)
+
+
+def _finish(job: Job) -> dict[str, float]:
+    """Final evaluation (when the recipe is done), sinks closed, summary on the logging rank."""
+    if job.step == job.total:
+        job.metrics.update(_evaluate(job, position(job.cfg, job.total - 1)))
+    job.logger.finish()
+    if job.is_logging_rank:
+        log.info(
+            end_of_run_summary(
+                step=job.step,
+                total=job.total,
+                metrics=job.metrics,
+                checkpoint=job.checkpoint,
+                out_dir=job.out_dir,
+                stopped_early=job.step < job.total,
             )
-            lm += r.lm_loss
-            n += 1
-            for k, v in r.kl.items():
-                kl[k] = kl.get(k, 0.0) + v / cfg.logging.eval_iters
-            for k, v in r.recall.items():
-                recall[k] = recall.get(k, 0.0) + v / cfg.logging.eval_iters
-    for c in wrapped.ddp_chunks:
-        c.train()
-    return eval_metrics(lm / max(n, 1), kl, recall, resolved.model.schedule, distill_settings(cfg))
+        )
+    return job.metrics
 
 
-def _record_eval(
-    out_dir: Path, step: int, stage: str, metrics: dict[str, float], is_logging_rank: bool
-) -> None:
-    """``eval.jsonl`` (one line per evaluation; ``metrics.jsonl`` keeps one line per step)."""
-    if not is_logging_rank or not metrics:
-        return
-    with open(out_dir / "eval.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "stage": stage, **metrics}) + "\n")
-    keys = ("eval/lm_loss", "eval/l_multi", "eval/shared_kl", "eval/shared_recall")
-    log.info(
-        f"eval @ step {step} | " + " | ".join(f"{k} {metrics[k]:.5g}" for k in keys if k in metrics)
+def _summary_of(cfg: TrainConfig, point: ResumePoint, out_dir: Path) -> str:
+    """The summary of a run that was already complete, from its last rows on disk."""
+    metrics = {**last_row(out_dir / "metrics.jsonl"), **last_row(out_dir / "eval.jsonl")}
+    return end_of_run_summary(
+        step=point.step,
+        total=cfg.total_steps,
+        metrics=metrics,
+        checkpoint=point.directory,
+        out_dir=out_dir,
+        stopped_early=False,
     )

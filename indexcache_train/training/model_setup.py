@@ -255,6 +255,23 @@ def init_optimizer_state(optimizer, step: float = 0.0) -> None:
 
 
 @torch.no_grad()
+def ensure_optimizer_state(optimizer) -> None:
+    """Create zero Adam state (step 0) where no update has created it, as torch's first update
+    would: a stage whose every update was skipped (``optim.on_nonfinite=skip``) has none, and
+    Megatron 0.19.2's ``DistributedOptimizer.state_dict`` (a checkpoint save) asserts a
+    ``step`` per parameter. Existing state is left as it is."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer) or opt.init_state_fn is None:
+            continue
+        opt.init_state_fn(opt.optimizer, opt.config)  # fills only empty states
+        for group in opt.optimizer.param_groups:
+            for main in group["params"]:
+                opt.optimizer.state[main].setdefault("step", torch.tensor(0.0))
+
+
+@torch.no_grad()
 def import_optimizer_state(wrapped: Wrapped, state: dict[str, dict[str, torch.Tensor]]) -> int:
     """Load carried state into the new optimizer's shards; returns how many params received it.
 

@@ -1,62 +1,11 @@
-"""Step line, metrics dict and loggers (a null logger when wandb is off)."""
+"""What a step reports: throughput, memory and the greppable step line (sinks: ``loggers``)."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import torch
-
-
-class MetricsLogger(Protocol):
-    def log(self, metrics: dict[str, float], step: int) -> None: ...
-    def finish(self) -> None: ...
-
-
-class NullLogger:
-    """wandb disabled: logging is a no-op (no ``if wandb:`` branches in the loop)."""
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-
-class WandbLogger:
-    def __init__(
-        self, project: str, name: str, mode: str, config: dict[str, Any], run_dir: str
-    ) -> None:
-        import wandb  # optional dependency: pip install -e .[wandb]
-
-        self._run = wandb.init(
-            project=project,
-            name=name,
-            mode=mode,
-            config=config,
-            dir=run_dir,
-            id=name.replace("/", "-"),
-            resume="allow",
-        )
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self._run.log(metrics, step=step)
-
-    def finish(self) -> None:
-        self._run.finish()
-
-
-def make_logger(
-    mode: str, project: str, name: str, config: dict[str, Any], run_dir: str, is_logging_rank: bool
-) -> MetricsLogger:
-    if mode == "disabled" or not is_logging_rank:
-        return NullLogger()
-    if mode not in ("online", "offline"):
-        raise ValueError(f"logging.wandb_mode={mode!r}: use disabled, offline or online")
-    os.environ.setdefault("WANDB_MODE", mode)
-    return WandbLogger(project, name, mode, config, run_dir)
 
 
 @dataclass

@@ -6,6 +6,10 @@ Step time is the median over a stage's steps after its first (the first pays ker
 and autotuning, and the meter's interval also holds any evaluation or checkpoint of the step
 before). Peak memory is the allocator's high-water mark at the stage's last step. LM loss is the
 mean of the first and of the last ``--window`` steps of the stage. No GPU or torch needed.
+
+Each step counts once: a run that crashed and resumed may have written a step twice (the
+trainer cuts ``metrics.jsonl`` back on resume, older runs did not), so the last row of a step
+wins; a line a kill left half-written is skipped and reported.
 """
 
 from __future__ import annotations
@@ -17,6 +21,35 @@ import sys
 from pathlib import Path
 
 
+def read_rows(path: Path) -> tuple[list[dict], int]:
+    """The training rows of a ``metrics.jsonl``, one per step in step order, and how many lines
+    could not be read."""
+    by_step: dict[int, dict] = {}
+    bad = 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+            continue
+        if "stage" in row and "loss/lm" in row:
+            by_step[step] = row  # a repeated step: the resumed run's row wins
+    return [by_step[s] for s in sorted(by_step)], bad
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(values) if values else float("nan")
+
+
 def summarize(rows: list[dict], window: int = 5) -> list[dict]:
     stages: dict[str, list[dict]] = {}
     for r in rows:
@@ -24,25 +57,27 @@ def summarize(rows: list[dict], window: int = 5) -> list[dict]:
     out = []
     for name, rs in stages.items():
         timed = rs[1:] or rs
-        dt = statistics.median(r["throughput/step_time_s"] for r in timed)
-        med = lambda key, ts=timed: statistics.median(r[key] for r in ts if key in r)  # noqa: E731
         w = min(window, len(rs))
         out.append(
             {
                 "stage": name,
                 "steps": len(rs),
-                "step_s": dt,
-                "tokens_per_s_per_gpu": med("throughput/tokens_per_s_per_gpu"),
-                "tflops_per_gpu": med("throughput/tflops_per_gpu"),
-                "mfu": med("throughput/mfu") if any("throughput/mfu" in r for r in timed) else None,
-                "peak_gib": rs[-1]["memory/gib"],
-                "lm_first": statistics.fmean(r["loss/lm"] for r in rs[:w]),
-                "lm_last": statistics.fmean(r["loss/lm"] for r in rs[-w:]),
-                "indexer_first": statistics.fmean(r["loss/indexer"] for r in rs[:w]),
-                "indexer_last": statistics.fmean(r["loss/indexer"] for r in rs[-w:]),
+                "step_s": _median(timed, "throughput/step_time_s"),
+                "tokens_per_s_per_gpu": _median(timed, "throughput/tokens_per_s_per_gpu"),
+                "tflops_per_gpu": _median(timed, "throughput/tflops_per_gpu"),
+                "mfu": _median(timed, "throughput/mfu"),
+                "peak_gib": rs[-1].get("memory/gib"),
+                "lm_first": _mean(rs[:w], "loss/lm"),
+                "lm_last": _mean(rs[-w:], "loss/lm"),
+                "indexer_first": _mean(rs[:w], "loss/indexer"),
+                "indexer_last": _mean(rs[-w:], "loss/indexer"),
             }
         )
     return out
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def render(name: str, summary: list[dict]) -> str:
@@ -54,8 +89,9 @@ def render(name: str, summary: list[dict]) -> str:
     for s in summary:
         mfu = "" if s["mfu"] is None else f"{100 * s['mfu']:.1f}"
         lines.append(
-            f"| {s['stage']} | {s['steps']} | {s['step_s']:.3f} | {s['tokens_per_s_per_gpu']:,.0f} "
-            f"| {s['tflops_per_gpu']:.1f} | {mfu} | {s['peak_gib']:.1f} "
+            f"| {s['stage']} | {s['steps']} | {_f(s['step_s'], '.3f')} "
+            f"| {_f(s['tokens_per_s_per_gpu'], ',.0f')} "
+            f"| {_f(s['tflops_per_gpu'], '.1f')} | {mfu} | {_f(s['peak_gib'], '.1f')} "
             f"| {s['lm_first']:.3f} -> {s['lm_last']:.3f} "
             f"| {s['indexer_first']:.3f} -> {s['indexer_last']:.3f} |"
         )
@@ -72,8 +108,9 @@ def main() -> int:
     for path in args.metrics:
         if not path.is_file():
             ap.error(f"{path}: no such metrics file (a run writes RUN_DIR/metrics.jsonl)")
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        rows = [r for r in rows if "stage" in r and "loss/lm" in r]
+        rows, bad = read_rows(path)
+        if bad:
+            print(f"{path}: skipped {bad} unreadable line(s) (cut by a kill?)", file=sys.stderr)
         if not rows:
             ap.error(f"{path}: no training steps in it")
         every[str(path)] = summarize(rows, args.window)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +56,12 @@ def test_toy_matches_golden_curve_and_switches_stage(uninterrupted) -> None:
         root / "toy-local/checkpoints/step_00000004/trainer_state.json"
     ).is_file()  # stage end kept
     assert "step 10/10 | stage sparse | lm loss" in log
+    # Known upstream warnings are filtered in one place; the run ends with a summary.
+    for noise in ("UserWarning", "FutureWarning", "full_param_layout", "async save is deprecated"):
+        assert noise not in log, noise
+    assert "run summary | finished step 10/10 | lm loss" in log
+    ckpt = root / "toy-local/checkpoints/step_00000010"
+    assert f"python -m checkpoint_tools export --ckpt {ckpt} --out" in log
     curve = {
         "lm_loss": [r["loss/lm"] for r in rows],
         "indexer_loss": [r["loss/indexer"] for r in rows],
@@ -124,12 +131,55 @@ def test_sigterm_saves_then_auto_resume_reproduces_losses(
         ).read_text()
     )
     assert state["reason"] == "signal" and 6 <= state["step"] < 10
+    # What a hard kill after further steps leaves: rows past the checkpoint (and a cut line);
+    # the resumed run must write each step once, with its own values.
+    with open(root / "toy-local/metrics.jsonl", "a") as f:
+        for step in range(state["step"] + 1, 10):
+            f.write(json.dumps({"step": step, "stage": "sparse", "loss/lm": -1.0}) + "\n")
+        f.write('{"step": 10, "sta')
     resumed = _train([], subprocess_env, root)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
     ref = {r["step"]: (r["loss/lm"], r["loss/indexer"]) for r in _metrics(uninterrupted[0])}
-    got = {r["step"]: (r["loss/lm"], r["loss/indexer"]) for r in _metrics(root)}
-    assert sorted(got) == list(range(1, 11))
+    rows = _metrics(root)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    got = {r["step"]: (r["loss/lm"], r["loss/indexer"]) for r in rows}
     assert got == ref  # bit-identical: same data order, RNG, optimizer state and Adam step
+
+
+def test_rerun_of_a_run_directory(uninterrupted, tmp_path, subprocess_env) -> None:
+    root = tmp_path / "rerun"
+    shutil.copytree(uninterrupted[0] / "toy-local", root / "toy-local")
+    run_config = (root / "toy-local/run_config.yaml").read_text()
+    changed = _train(["optim.global_batch_size=8", "recipe.stages.1.steps=8"], subprocess_env, root)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert "error: " in changed.stderr and "was trained with another config" in changed.stderr
+    assert "optim.global_batch_size: 4 -> 8" in changed.stderr
+    assert "recipe.stages.1.steps: 6 -> 8" in changed.stderr
+    assert "Traceback" not in changed.stderr
+    assert (root / "toy-local/run_config.yaml").read_text() == run_config
+    same = _train(["logging.log_interval=5"], subprocess_env, root)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert "run already complete (10/10 steps)" in same.stderr
+    assert "run summary | finished step 10/10" in same.stderr
+    assert (root / "toy-local/run_config.yaml").read_text() == run_config
+
+
+def test_damaged_data_stops_before_the_model_is_built(tmp_path, subprocess_env) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train", "val"):
+        for ext in ("bin", "idx"):
+            shutil.copy(REPO / f"data/default/{name}.{ext}", data / f"{name}.{ext}")
+    with open(data / "train.bin", "r+b") as f:
+        f.truncate((data / "train.bin").stat().st_size - 1000)  # a copy cut short
+    out = _train(
+        [f"data.train_prefixes=[{data}/train]", f"data.valid_prefixes=[{data}/val]"],
+        subprocess_env,
+        tmp_path,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert f"error: {data}/train.bin:" in out.stderr and "the .bin was cut" in out.stderr
+    assert "Traceback" not in out.stderr and "step 1/" not in out.stderr
 
 
 def test_every_experiment_dry_runs(subprocess_env) -> None:

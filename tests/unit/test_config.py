@@ -101,3 +101,91 @@ def test_glm5_auto_layout_is_accepted() -> None:
     cfg = compose(["+experiment=glm5_freq4"])
     r = validate(cfg, world_size=512)
     assert r.pipeline_layout and r.pipeline_layout.count("|") == 15 and r.data_parallel_size == 8
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("+optim.lrr=1e-3", "optim.lrr"),
+        ("+run.note=hi", "run.note"),
+        ("+recipe.stages.0.stepz=3", "recipe.stages.0.stepz (did you mean steps?)"),
+        ("+logging.wandb_mod=online", "logging.wandb_mod (did you mean wandb_mode?)"),
+    ],
+)
+def test_plus_override_of_unknown_key_is_refused(override: str, named: str) -> None:
+    # Hydra's hint for a typo is the `+key=value` form, which adds the key; to_object would then
+    # drop it silently.
+    with pytest.raises(ConfigError, match="unknown config key") as e:
+        compose(["+experiment=toy", override])
+    assert named in str(e.value)
+
+
+def test_plus_override_into_free_form_dict_is_accepted() -> None:
+    cfg = compose(["+experiment=toy", "+model.overrides.rms_norm_eps=1e-5"])
+    assert cfg.model.overrides["rms_norm_eps"] == 1e-5
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["optim.micro_batch_size=0"], r"optim.micro_batch_size=0 must be >= 1"),
+        (["optim.global_batch_size=0"], r"optim.global_batch_size=0 must be >= 1"),
+        (
+            ["indexcache.index_skip_topk_offset=4"],
+            r"index_skip_topk_offset=4 is past the model's 4 layers",
+        ),
+        (
+            ["indexcache.index_topk_freq=4", "indexcache.index_skip_topk_offset=9"],
+            r"offset=9 is past the model's 4 layers.*every layer would be Full",
+        ),
+        (["+model.overrides.index_topk=128"], r"index_topk=128 >= model.seq_length=128"),
+        (["model.seq_length=8192"], r"exceeds the model's max_position_embeddings=4096"),
+        (["logging.log_interval=0"], r"logging.log_interval=0 must be >= 1"),
+        (["logging.eval_iters=0"], r"logging.eval_iters=0 must be >= 1"),
+        (["logging.wandb_mode=ofline"], r"logging.wandb_mode='ofline': use one of"),
+    ],
+)
+def test_silently_wrong_configs_are_refused(overrides: list[str], match: str) -> None:
+    cfg = compose(["+experiment=toy", *overrides])
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg, world_size=1)
+
+
+def test_index_topk_equal_to_seq_length_is_fine_for_a_dense_only_recipe() -> None:
+    # Top-k never applies without a sparse stage (e.g. dense pre-training).
+    cfg = compose(
+        [
+            "+experiment=toy",
+            "+model.overrides.index_topk=128",
+            "recipe.stages.1.attention=dense",
+            "recipe.stages.1.trainable=indexers",
+        ]
+    )
+    validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_wandb_without_the_package_is_refused_at_validation(mode: str, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    cfg = compose(["+experiment=toy", f"logging.wandb_mode={mode}"])
+    with pytest.raises(ConfigError, match=r"needs the wandb package.*wandb_mode=disabled"):
+        validate(cfg, world_size=1)
+
+
+def test_tensorboard_without_the_package_is_refused_at_validation(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real(name, *a),
+    )
+    cfg = compose(["+experiment=toy", "logging.tensorboard=true"])
+    with pytest.raises(ConfigError, match=r"needs the tensorboard package"):
+        validate(cfg, world_size=1)

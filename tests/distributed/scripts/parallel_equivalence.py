@@ -235,7 +235,7 @@ def _indexer_grad_norm(model, ddp) -> float:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from indexcache_train.compat import INDEXER_GRAD_NORM_GROUP
-    from indexcache_train.training.loop import _group_grad_norm
+    from indexcache_train.training.update import _group_grad_norm
 
     for name, p in model.named_parameters():
         if ".core_attention.indexer." in name:
