@@ -181,7 +181,7 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, str | None]:
         return directory, None
     for root in (directory, directory / "checkpoints"):
         if (root / "latest").is_file() or any(root.glob(f"{STEP_PREFIX}*")):
-            found = latest(root)
+            found, incomplete = latest(root)
             if found is None:
                 raise ConfigError(
                     "no complete checkpoint here (no `latest` pointer to a directory with "
@@ -189,7 +189,9 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, str | None]:
                     file=str(root),
                     fix="point --ckpt at a complete step_* directory, or resume the run so it saves",
                 )
-            return found, f"following {root / 'latest'}: {found}"
+            # A newer checkpoint that is incomplete (crash mid-save) is skipped, and said so.
+            note = "; ".join([f"following {root / 'latest'}: {found}", *incomplete])
+            return found, note
     return directory, None
 
 

@@ -330,7 +330,7 @@ class Protocol:
     def base_checkpoint(self) -> Path:
         from indexcache_train.training.checkpointing import latest
 
-        ckpt = latest(self.launcher.run_dir(BASE_NAME) / "checkpoints")
+        ckpt, _ = latest(self.launcher.run_dir(BASE_NAME) / "checkpoints")
         if ckpt is None:
             raise RuntimeError("the base finished but left no complete checkpoint")
         return ckpt
@@ -471,7 +471,7 @@ class Protocol:
         if ARMS[job.arm].warmup and self.plan.warmup_end_eval:
             warm = step_dir(root, sizing.warmup)
             warm = warm if warm.is_dir() else None
-        self.analysis.run_finished(job.name, job.arm, warm, latest(root))
+        self.analysis.run_finished(job.name, job.arm, warm, latest(root)[0])
 
     # ------------------------------------------------------------------ tail and report
     def drain(self) -> bool:
