@@ -118,6 +118,8 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     out_dir = runtime.run_dir(cfg)
     ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
     if ranks.rank == 0:
+        # Both: checkpoint.dir may lie outside the run directory.
+        out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
         (out_dir / "run_config.yaml").write_text(to_yaml(cfg))
         log.info("resolved config:\n%s", to_yaml(cfg))
