@@ -28,6 +28,12 @@ Three kinds of fixes:
       ``weights_proj`` stays fp32 like HF's. Symptoms: checkpoint save asserts in
       ``sharded_param_state_dp_reshardable``; state carried across a stage switch goes to the
       wrong parameter. We rebuild the map in the order the groups actually have.
+    * ``distopt_reshardable_step``: loading a ``fully_reshardable`` distributed-optimizer
+      checkpoint (the format that resumes under another TP / PP / EP / CP layout) passes the
+      per-parameter state without ``step`` (0.19.2 ``load_parameter_state_from_fully_reshardable``
+      restores it from the param groups), but ``_set_main_param_and_optimizer_states`` copies
+      every tensor of the torch optimizer's state, and torch's Adam (the fallback without TE /
+      apex) keeps ``step`` there as a tensor: ``KeyError: 'step'``. Missing keys are skipped.
     (MLA's mocked TE classes and the MoE router's ``te_general_gemm`` needed fixes in 0.16.1; we
     use our own MLA module and 0.19.2's router has a torch fallback, so neither is patched here.)
 
@@ -144,9 +150,25 @@ def _fix_distopt_mixed_dtype_order() -> None:
     DistributedOptimizer.__init__ = init_with_ordered_map  # type: ignore[method-assign]
 
 
+def _fix_distopt_reshardable_step() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_present_states(self, model_param: Any, tensors: dict) -> None:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main = self.optimizer.param_groups[group_index]["params"][group_order]
+        # Megatron skips entries that are not tensors: mark the state keys the checkpoint lacks.
+        absent = {k: None for k in self.optimizer.state.get(main, {}) if k not in tensors}
+        set_states(self, model_param, {**tensors, **absent})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_present_states  # type: ignore[method-assign]
+
+
 _ALWAYS_FIXES: dict[str, Callable[[], None]] = {
     "indexer_grad_norm_group": _fix_indexer_grad_norm_group,
     "distopt_mixed_dtype_order": _fix_distopt_mixed_dtype_order,
+    "distopt_reshardable_step": _fix_distopt_reshardable_step,
 }
 
 

@@ -155,6 +155,11 @@ class CheckpointSection:
     when not resuming; model weights only."""
     exit_after_steps: int | None = None
     """Stop (after saving) once this many steps have run in this process (tests, time slicing)."""
+    optimizer_format: str = "dp_reshardable"
+    """How the distributed optimizer's state is saved: ``dp_reshardable`` (every rank writes its
+    shard, no communication; resumes at another data-parallel size only) or
+    ``fully_reshardable`` (gathered over DP per model-parallel shard, written per parameter;
+    resumes under any TP / PP / EP / CP / DP layout, at the cost of that gather's memory)."""
 
 
 @dataclass

@@ -15,6 +15,8 @@ ATTENTION = ("dense", "sparse")
 TRAINABLE = ("indexers", "all")
 DISTILL_MODES = ("multi", "own_layer", "none")
 BACKENDS = ("auto", "torch", "triton")
+#: Megatron distributed-optimizer checkpoint formats (training/checkpointing.py).
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
 class ConfigError(ValueError):
@@ -115,6 +117,11 @@ def check_recipe(cfg: TrainConfig) -> None:
     _require(
         cfg.optim.max_consecutive_skips >= 1,
         f"optim.max_consecutive_skips={cfg.optim.max_consecutive_skips} must be >= 1",
+    )
+    _require(
+        cfg.checkpoint.optimizer_format in OPTIMIZER_FORMATS,
+        f"checkpoint.optimizer_format={cfg.checkpoint.optimizer_format!r}: use one of "
+        f"{OPTIMIZER_FORMATS}",
     )
 
 

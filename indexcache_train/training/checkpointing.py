@@ -11,9 +11,14 @@ Layout of a run's checkpoint directory::
       latest                    name of the newest complete checkpoint
 
 Every rank writes its shards into ``step_X.tmp``; after a barrier rank 0 writes the metadata
-files and renames the directory, so a crash never leaves a directory that looks complete. The
-optimizer uses Megatron's ``dp_reshardable`` format (the default format was refused by
-Megatron's own validator in 0.19.2; see docs/megatron-notes).
+files and renames the directory, so a crash never leaves a directory that looks complete.
+
+Model weights reshard to any layout. The distributed optimizer's state is written in one of two
+Megatron formats (``checkpoint.optimizer_format``; the one used is kept in trainer_state.json):
+``dp_reshardable`` (each rank writes its own shard, no communication; resumable at another DP
+size only) or ``fully_reshardable`` (each model-parallel shard's state is all-gathered over DP
+and written per parameter; resumable under any TP / PP / EP / CP / DP). Megatron's default
+format was refused by its own validator in 0.19.2 (docs/megatron-notes).
 """
 
 from __future__ import annotations
@@ -28,9 +33,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from indexcache_train.config.validate import OPTIMIZER_FORMATS
+
 STEP_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
-OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+RUN_CONFIG_FILE = "run_config.yaml"
+#: The parallel settings a ``dp_reshardable`` optimizer state is tied to (it reshards over DP).
+MODEL_PARALLEL_KEYS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "context_parallel_size",
+    "expert_model_parallel_size",
+    "pipeline_layout",
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,8 @@ class TrainerState:
     stage_index: int
     consumed_train_samples: int
     reason: str  # interval | stage_end | final | signal
+    #: How the optimizer state was written (checkpoints that predate the field: dp_reshardable).
+    optimizer_format: str = "dp_reshardable"
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=1)
@@ -53,7 +71,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _sharded(chunks: list, optimizer: Any | None, is_loading: bool) -> dict[str, Any]:
+def _sharded(
+    chunks: list,
+    optimizer: Any | None,
+    is_loading: bool,
+    optimizer_format: str = OPTIMIZER_FORMATS[0],
+) -> dict[str, Any]:
     sd: dict[str, Any] = {}
     model_sd: dict[str, Any] = {}
     for i, c in enumerate(chunks):
@@ -62,7 +85,9 @@ def _sharded(chunks: list, optimizer: Any | None, is_loading: bool) -> dict[str,
         model_sd.update(sd[key])
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=OPTIM_METADATA
+            model_sd,
+            is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": optimizer_format},
         )
     return sd
 
@@ -83,7 +108,8 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(_sharded(chunks, optimizer, is_loading=False), str(tmp))
+    sharded = _sharded(chunks, optimizer, is_loading=False, optimizer_format=state.optimizer_format)
+    dist_checkpointing.save(sharded, str(tmp))
     _barrier()
     if _rank() == 0:
         (tmp / STATE_FILE).write_text(state.to_json())
@@ -123,15 +149,44 @@ def load(d: Path, chunks: list, optimizer: Any | None) -> TrainerState:
 
     from indexcache_train.training.model_setup import init_optimizer_state
 
+    state = read_state(d)
     if optimizer is not None:
         init_optimizer_state(optimizer)  # a fresh optimizer has no state to load into yet
-    loaded = dist_checkpointing.load(_sharded(chunks, optimizer, is_loading=True), str(d))
+    sharded = _sharded(chunks, optimizer, is_loading=True, optimizer_format=state.optimizer_format)
+    loaded = dist_checkpointing.load(sharded, str(d))
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
-    return read_state(d)
+    return state
+
+
+def check_resumable(d: Path, parallel: dict[str, Any]) -> None:
+    """Refuse, before anything is loaded, to resume a ``dp_reshardable`` checkpoint under other
+    model-parallel settings (its optimizer shards would not fit: Megatron fails deep inside the
+    load with a shape mismatch). ``parallel``: this run's ``parallel`` config section."""
+    import yaml
+
+    state = read_state(d)
+    config = d / RUN_CONFIG_FILE
+    if state.optimizer_format != "dp_reshardable" or not config.is_file():
+        return
+    saved = (yaml.safe_load(config.read_text()) or {}).get("parallel", {})
+    changed = {
+        k: (saved.get(k), parallel.get(k))
+        for k in MODEL_PARALLEL_KEYS
+        if k in saved and saved.get(k) != parallel.get(k)
+    }
+    if changed:
+        diff = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+        raise ValueError(
+            f"{d} holds a dp_reshardable optimizer state, which resumes only at its own "
+            f"model-parallel layout (any data-parallel size); this run changes {diff}. Resume "
+            "at the saved layout with checkpoint.optimizer_format=fully_reshardable and save "
+            "once (checkpoint.exit_after_steps=1), then resume that checkpoint under the new "
+            "layout; or start from its weights alone with checkpoint.load_pretrained"
+        )
 
 
 def _restore_adam_steps(optimizer: Any) -> None:

@@ -127,8 +127,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
         if resolved.pipeline_layout:
             log.info("pipeline layout: %s", resolved.pipeline_layout)
 
-    chunks, tcfg = build_chunks(cfg, resolved.model, resolved.pipeline_layout, device)
     resume_dir = ckpt.latest(ckpt_root) if cfg.checkpoint.auto_resume else None
+    if resume_dir is not None:
+        ckpt.check_resumable(resume_dir, dataclasses.asdict(cfg.parallel))
+    chunks, tcfg = build_chunks(cfg, resolved.model, resolved.pipeline_layout, device)
     start_step, consumed = 0, 0
     if resume_dir is not None:
         state = ckpt.read_state(resume_dir)
@@ -232,7 +234,9 @@ def run(cfg: TrainConfig) -> dict[str, float]:
             metrics.update(evaluated)
         reason = _save_reason(cfg, pos, step, total, stop, device, steps_this_process)
         if reason:
-            state = ckpt.TrainerState(step, pos.index, consumed, reason)
+            state = ckpt.TrainerState(
+                step, pos.index, consumed, reason, cfg.checkpoint.optimizer_format
+            )
             d = ckpt.save(
                 ckpt_root,
                 [c.module for c in wrapped.ddp_chunks],

@@ -102,6 +102,32 @@ for p in m.module.parameters():
 """,
         "wrong main param",
     ),
+    "distopt_reshardable_step": (
+        """
+compat.model_parallel_seed(0)
+from megatron.core.distributed import DistributedDataParallel as DDP, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from indexcache_train.training.model_setup import init_optimizer_state
+cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
+class M(MegatronModule):
+    def __init__(self):
+        super().__init__(cfg)
+        self.a = torch.nn.Parameter(torch.randn(16))
+m = DDP(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True), M())
+opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, use_distributed_optimizer=True), [m])
+init_optimizer_state(opt)   # torch Adam's state: param, exp_avg, exp_avg_sq and a `step` tensor
+dopt = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+# What a fully_reshardable checkpoint holds per parameter (`step` lives in the param groups).
+dopt.load_parameter_state_from_fully_reshardable(
+    {0: {"fp32_param": torch.zeros(16), "exp_avg": torch.full((16,), 2.0), "exp_avg_sq": torch.ones(16)}}
+)
+st = dopt._get_main_param_and_optimizer_states(m.module.a)
+assert float(st["exp_avg"].min()) == 2.0 and float(st["param"].abs().max()) == 0.0, st
+""",
+        "KeyError: 'step'",
+    ),
     "cuda_streams": (
         """
 compat.model_parallel_seed(0)
@@ -157,6 +183,7 @@ def test_applied_fixes_listed() -> None:
     assert set(compat.applied_fixes()) == {
         "indexer_grad_norm_group",
         "distopt_mixed_dtype_order",
+        "distopt_reshardable_step",
         "current_device",
         "cuda_literals",
         "cuda_streams",
