@@ -49,12 +49,19 @@ Three kinds of fixes:
       construction and the alltoall MoE dispatcher become null streams (CPU runs in order).
     * ``checkpoint_rng``: activation checkpointing saves/restores the CUDA RNG state
       (``tensor_parallel.random._get_cuda_rng_state``); on CPU there is none to keep.
+    * ``cpu_grad_norm``: torch's CPU fp32 norm kernel sums large tensors inaccurately (4e-4
+      relative on a 3.2M-element LM-head gradient, where a float64 sum is exact to 1e-8; CUDA's
+      tree reduction is not affected), and Megatron's no-apex gradient norm
+      (``clip_grads.get_grad_norm_fp32`` -> ``utils.local_multi_tensor_l2_norm``) adds up
+      per-tensor ``torch.norm`` values: the logged and clipping norm then changed with how
+      tensor parallelism shards a tensor. The squares are summed in float64 instead.
     * gloo: :func:`distributed_backend` picks gloo without CUDA.
 
 (c) Environment: ``OMP_NUM_THREADS=1`` (a second busy process slowed a CPU forward 40x) and
     ``TORCHDYNAMO_DISABLE=1`` on CPU (the first MoE forward otherwise spends ~30 s compiling).
 
-CPU support is a test/development mode: nothing here changes numerics.
+CPU support is a test/development mode: nothing here changes numerics, except that the CPU
+gradient norm is summed exactly (``cpu_grad_norm``).
 """
 
 from __future__ import annotations
@@ -259,12 +266,27 @@ def _fix_rng_tracker() -> None:
     pass
 
 
+def _fix_cpu_grad_norm() -> None:
+    from megatron.core.optimizer import clip_grads
+
+    def l2_norm(chunk_size: int, noop_flag: Any, tensor_lists: list, *args: Any):
+        squares = sum(
+            float(torch.linalg.vector_norm(t, dtype=torch.float64).square())
+            for tensors in tensor_lists
+            for t in tensors
+        )
+        return torch.tensor([squares**0.5], dtype=torch.float32), None
+
+    clip_grads.l2_norm_impl = l2_norm
+
+
 _CPU_FIXES: dict[str, Callable[[], None]] = {
     "current_device": _fix_current_device,
     "cuda_literals": _fix_cuda_literals,
     "cuda_streams": _fix_cuda_streams,
     "checkpoint_rng": _fix_checkpoint_rng,
     "rng_tracker": _fix_rng_tracker,
+    "cpu_grad_norm": _fix_cpu_grad_norm,
 }
 
 

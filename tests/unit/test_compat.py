@@ -128,6 +128,17 @@ assert float(st["exp_avg"].min()) == 2.0 and float(st["param"].abs().max()) == 0
 """,
         "KeyError: 'step'",
     ),
+    "cpu_grad_norm": (
+        """
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+torch.manual_seed(0)
+g = torch.randn(3_219_456)   # an LM-head-sized gradient (50304 x 64)
+norm = get_grad_norm_fp32([g], grad_stats_parallel_group=dist.group.WORLD)
+exact = float(g.double().norm())
+assert abs(norm / exact - 1) < 1e-6, f"grad norm off by {norm / exact - 1:.1e}"
+""",
+        "grad norm off by",
+    ),
     "cuda_streams": (
         """
 compat.model_parallel_seed(0)
@@ -189,6 +200,7 @@ def test_applied_fixes_listed() -> None:
         "cuda_streams",
         "checkpoint_rng",
         "rng_tracker",
+        "cpu_grad_norm",
     }
 
 
