@@ -84,10 +84,13 @@ def _sharded(
         sd[key] = c.sharded_state_dict()
         model_sd.update(sd[key])
     if optimizer is not None:
+        metadata: dict[str, Any] = {"distrib_optim_sharding_type": optimizer_format}
+        if optimizer_format == "fully_reshardable":
+            # Keys by parameter name only: the same whether this layout chains one optimizer
+            # or two (EP > 1 gives experts their own), so EP=1 <-> EP>1 reshards too.
+            metadata["chained_optim_avoid_prefix"] = True
         sd["optimizer"] = optimizer.sharded_state_dict(
-            model_sd,
-            is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": optimizer_format},
+            model_sd, is_loading=is_loading, metadata=metadata
         )
     return sd
 
@@ -156,10 +159,50 @@ def load(d: Path, chunks: list, optimizer: Any | None) -> TrainerState:
     loaded = dist_checkpointing.load(sharded, str(d))
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
-    if optimizer is not None:
+    if optimizer is not None and state.optimizer_format == "fully_reshardable":
+        _load_model_space_state(optimizer, loaded["optimizer"])
+    elif optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
     return state
+
+
+def _load_model_space_state(optimizer: Any, loaded: dict) -> None:
+    """A ``fully_reshardable`` optimizer state into this layout's optimizer(s).
+
+    Megatron's ``ChainedOptimizer.load_state_dict`` expects the saving layout's chaining (one
+    optimizer at EP=1, a dense and an expert one at EP>1). The per-parameter state is keyed by
+    parameter name, so each of this layout's optimizers takes its parameters' state from the part
+    of ``loaded`` it requested; the only other state used is Adam's step (the learning rate is
+    set every step, the betas come from the config)."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [loaded[i] for i in range(len(subs))] if len(subs) > 1 else [loaded]
+    steps = _saved_steps(loaded)
+    if len(steps) != 1:
+        raise ValueError(f"checkpoint optimizer state has Adam steps {sorted(steps)}; expected one")
+    (step,) = steps
+    for opt, part in zip(subs, parts, strict=True):
+        opt.load_parameter_state_from_fully_reshardable(part["param_state"])
+        _set_adam_step(opt.optimizer, step)
+
+
+def _saved_steps(state: Any) -> set[float]:
+    """Adam steps of every ``param_groups`` entry in a loaded (nested) optimizer state."""
+    if isinstance(state, dict):
+        groups = state.get("param_groups") or []
+        found = {float(g["step"]) for g in groups if isinstance(g, dict) and "step" in g}
+        for key, value in state.items():
+            if key != "param_groups":
+                found |= _saved_steps(value)
+        return found
+    return set()
+
+
+def _set_adam_step(inner: Any, step: float) -> None:
+    """torch's Adam keeps ``step`` per parameter (bias correction); set it on every one."""
+    for st in inner.state.values():
+        if "step" in st:
+            st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def check_resumable(d: Path, parallel: dict[str, Any]) -> None:
@@ -195,14 +238,9 @@ def _restore_adam_steps(optimizer: Any) -> None:
     freshly initialised state back over it (0), so Adam's bias correction would restart. Re-apply
     the checkpoint's step (exact resume depends on it)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        steps = {g["step"] for g in inner.param_groups if "step" in g}
-        if len(steps) != 1:
-            continue
-        step = float(steps.pop())
-        for st in inner.state.values():
-            if "step" in st:
-                st["step"] = torch.tensor(step, dtype=torch.float32)
+        steps = {g["step"] for g in opt.optimizer.param_groups if "step" in g}
+        if len(steps) == 1:
+            _set_adam_step(opt.optimizer, float(steps.pop()))
 
 
 @torch.no_grad()
