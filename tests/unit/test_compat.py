@@ -32,6 +32,15 @@ from megatron.core import parallel_state as ps
 ps.initialize_model_parallel(1, 1)
 """
 
+#: Scenario preamble: a seeded process and what a DDP + distributed-optimizer toy needs.
+DDP_IMPORTS = """
+compat.model_parallel_seed(0)
+from megatron.core.distributed import DistributedDataParallel as DDP, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+"""
+
 SCENARIOS = {
     # fix name -> (code after the prelude, error text expected without the fix)
     "rng_tracker": ("compat.model_parallel_seed(0)", "Torch not compiled with CUDA"),
@@ -79,12 +88,8 @@ _validate_grad_norm_group("indexer")   # MegatronOptimizer.clip_grad_norm valida
         "Unknown grad_norm_group 'indexer'",
     ),
     "distopt_mixed_dtype_order": (
-        """
-compat.model_parallel_seed(0)
-from megatron.core.distributed import DistributedDataParallel as DDP, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.module import MegatronModule
+        DDP_IMPORTS
+        + """
 cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, bf16=True,
                         params_dtype=torch.bfloat16, use_cpu_initialization=True)
 class M(MegatronModule):   # one group mixing dtypes, like our bf16 model + fp32 weights_proj
@@ -103,12 +108,8 @@ for p in m.module.parameters():
         "wrong main param",
     ),
     "distopt_reshardable_step": (
-        """
-compat.model_parallel_seed(0)
-from megatron.core.distributed import DistributedDataParallel as DDP, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.module import MegatronModule
+        DDP_IMPORTS
+        + """
 from indexcache_train.training.model_setup import init_optimizer_state
 cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
 class M(MegatronModule):
