@@ -103,7 +103,7 @@ PLANTS: dict[str, Plant] = {
         "megatron.core.distributed.finalize_model_grads",
         "finalize_model_grads",
         "per-token grads divided by the rank-local token count (DP all-reduce of it dropped)",
-        "dp2",
+        "ep2",  # its dense parameters are data-parallel (DP=2), its experts expert-parallel
         _local_token_count,
     ),
 }
