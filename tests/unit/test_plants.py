@@ -1,0 +1,50 @@
+"""The planted bugs of the equivalence harness (``scripts/bench/plant.py``) point at functions that
+exist and reach every module that imported them, so a seam that moves fails here, in seconds,
+before the distributed harness test (which checks that each plant is caught)."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts/bench"))
+from parallel_losses import LAYOUTS  # noqa: E402
+from plant import PLANTS  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(PLANTS))
+def test_seam_exists_and_layout_is_known(name: str) -> None:
+    plant = PLANTS[name]
+    assert callable(getattr(importlib.import_module(plant.module), plant.attr, None)), plant
+    assert plant.layout in LAYOUTS, plant
+
+
+def test_install_reaches_modules_that_imported_the_function(subprocess_env) -> None:
+    code = """
+import sys
+sys.path.insert(0, "scripts/bench")
+from indexcache_train.model import attention   # holds `tp_sum` under its own name
+from indexcache_train.loss import terms
+import plant
+original = terms.tp_sum
+assert plant.install("tp_target") >= 2
+assert attention.tp_sum is terms.tp_sum is not original
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=subprocess_env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_unknown_plant_is_refused(subprocess_env) -> None:
+    out = subprocess.run(
+        [sys.executable, "scripts/bench/plant.py", "no_such_bug", "+experiment=toy"],
+        cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode != 0 and "NAME one of" in out.stderr
