@@ -28,6 +28,12 @@ Three kinds of fixes:
       ``weights_proj`` stays fp32 like HF's. Symptoms: checkpoint save asserts in
       ``sharded_param_state_dp_reshardable``; state carried across a stage switch goes to the
       wrong parameter. We rebuild the map in the order the groups actually have.
+    * ``distopt_reshardable_step``: loading a ``fully_reshardable`` distributed-optimizer
+      checkpoint (the format that resumes under another TP / PP / EP / CP layout) passes the
+      per-parameter state without ``step`` (0.19.2 ``load_parameter_state_from_fully_reshardable``
+      restores it from the param groups), but ``_set_main_param_and_optimizer_states`` copies
+      every tensor of the torch optimizer's state, and torch's Adam (the fallback without TE /
+      apex) keeps ``step`` there as a tensor: ``KeyError: 'step'``. Missing keys are skipped.
     (MLA's mocked TE classes and the MoE router's ``te_general_gemm`` needed fixes in 0.16.1; we
     use our own MLA module and 0.19.2's router has a torch fallback, so neither is patched here.)
 
@@ -43,12 +49,19 @@ Three kinds of fixes:
       construction and the alltoall MoE dispatcher become null streams (CPU runs in order).
     * ``checkpoint_rng``: activation checkpointing saves/restores the CUDA RNG state
       (``tensor_parallel.random._get_cuda_rng_state``); on CPU there is none to keep.
+    * ``cpu_grad_norm``: torch's CPU fp32 norm kernel sums large tensors inaccurately (4e-4
+      relative on a 3.2M-element LM-head gradient, where a float64 sum is exact to 1e-8; CUDA's
+      tree reduction is not affected), and Megatron's no-apex gradient norm
+      (``clip_grads.get_grad_norm_fp32`` -> ``utils.local_multi_tensor_l2_norm``) adds up
+      per-tensor ``torch.norm`` values: the logged and clipping norm then changed with how
+      tensor parallelism shards a tensor. The squares are summed in float64 instead.
     * gloo: :func:`distributed_backend` picks gloo without CUDA.
 
 (c) Environment: ``OMP_NUM_THREADS=1`` (a second busy process slowed a CPU forward 40x) and
     ``TORCHDYNAMO_DISABLE=1`` on CPU (the first MoE forward otherwise spends ~30 s compiling).
 
-CPU support is a test/development mode: nothing here changes numerics.
+CPU support is a test/development mode: nothing here changes numerics, except that the CPU
+gradient norm is summed exactly (``cpu_grad_norm``).
 """
 
 from __future__ import annotations
@@ -144,9 +157,25 @@ def _fix_distopt_mixed_dtype_order() -> None:
     DistributedOptimizer.__init__ = init_with_ordered_map  # type: ignore[method-assign]
 
 
+def _fix_distopt_reshardable_step() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    set_states = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_present_states(self, model_param: Any, tensors: dict) -> None:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main = self.optimizer.param_groups[group_index]["params"][group_order]
+        # Megatron skips entries that are not tensors: mark the state keys the checkpoint lacks.
+        absent = {k: None for k in self.optimizer.state.get(main, {}) if k not in tensors}
+        set_states(self, model_param, {**tensors, **absent})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_present_states  # type: ignore[method-assign]
+
+
 _ALWAYS_FIXES: dict[str, Callable[[], None]] = {
     "indexer_grad_norm_group": _fix_indexer_grad_norm_group,
     "distopt_mixed_dtype_order": _fix_distopt_mixed_dtype_order,
+    "distopt_reshardable_step": _fix_distopt_reshardable_step,
 }
 
 
@@ -237,12 +266,27 @@ def _fix_rng_tracker() -> None:
     pass
 
 
+def _fix_cpu_grad_norm() -> None:
+    from megatron.core.optimizer import clip_grads
+
+    def l2_norm(chunk_size: int, noop_flag: Any, tensor_lists: list, *args: Any):
+        squares = sum(
+            float(torch.linalg.vector_norm(t, dtype=torch.float64).square())
+            for tensors in tensor_lists
+            for t in tensors
+        )
+        return torch.tensor([squares**0.5], dtype=torch.float32), None
+
+    clip_grads.l2_norm_impl = l2_norm
+
+
 _CPU_FIXES: dict[str, Callable[[], None]] = {
     "current_device": _fix_current_device,
     "cuda_literals": _fix_cuda_literals,
     "cuda_streams": _fix_cuda_streams,
     "checkpoint_rng": _fix_checkpoint_rng,
     "rng_tracker": _fix_rng_tracker,
+    "cpu_grad_norm": _fix_cpu_grad_norm,
 }
 
 

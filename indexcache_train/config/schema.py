@@ -163,6 +163,11 @@ class CheckpointSection:
     """Resume even though the config differs from the checkpoint's in a way that changes what
     the run trains (model, schedule, recipe, optimizer, data, seed); the differences are logged
     and the new config is kept next to the old one. False: such a resume is refused."""
+    optimizer_format: str = "dp_reshardable"
+    """How the distributed optimizer's state is saved: ``dp_reshardable`` (every rank writes its
+    shard, no communication; resumes at another data-parallel size only) or
+    ``fully_reshardable`` (gathered over DP per model-parallel shard, written per parameter;
+    resumes under any TP / PP / EP / CP / DP layout, at the cost of that gather's memory)."""
 
 
 @dataclass

@@ -16,6 +16,8 @@ TRAINABLE = ("indexers", "all")
 DISTILL_MODES = ("multi", "own_layer", "none")
 GROUPED_GEMM = ("auto", "true", "false")
 WANDB_MODES = ("disabled", "offline", "online")
+#: Megatron distributed-optimizer checkpoint formats (training/checkpointing.py).
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 
 
 class ConfigError(ValueError):
@@ -253,8 +255,8 @@ def _check_kernel_backend(cfg: TrainConfig, model: Any) -> None:
 
 
 def check_logging(cfg: TrainConfig) -> None:
-    """Intervals that would divide by zero, and optional metric sinks that are not installed
-    (found here, not after the model is built)."""
+    """Intervals that would divide by zero, an unknown checkpoint format, and optional metric
+    sinks that are not installed (found here, not after the model is built)."""
     import importlib.util
 
     lg, ck = cfg.logging, cfg.checkpoint
@@ -271,6 +273,10 @@ def check_logging(cfg: TrainConfig) -> None:
     _require(
         ck.exit_after_steps is None or ck.exit_after_steps >= 1,
         f"checkpoint.exit_after_steps={ck.exit_after_steps} must be >= 1 or null",
+    )
+    _require(
+        ck.optimizer_format in OPTIMIZER_FORMATS,
+        f"checkpoint.optimizer_format={ck.optimizer_format!r}: use one of {OPTIMIZER_FORMATS}",
     )
     _require(
         lg.wandb_mode in WANDB_MODES,

@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+#: The resolved config a checkpoint was trained with (resume compares it with the new one).
+RUN_CONFIG_FILE = "run_config.yaml"
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TMP_SUFFIX = ".tmp"

@@ -14,8 +14,14 @@ Layout of a run's checkpoint directory::
 Every rank writes its shards into ``step_X.tmp``; once all ranks agree the shards are written,
 rank 0 seals the directory (:mod:`.checkpoint_files`: fsync, manifest, rename), so a crash never
 leaves a directory that looks complete, and a failed save (a full disk) removes its temporary
-and says so. The optimizer uses Megatron's ``dp_reshardable`` format (the default format was
-refused by Megatron's own validator in 0.19.2; see docs/megatron-notes).
+and says so.
+
+Model weights reshard to any layout. The distributed optimizer's state is written in one of two
+Megatron formats (``checkpoint.optimizer_format``; the one used is kept in trainer_state.json):
+``dp_reshardable`` (each rank writes its own shard, no communication; resumable at another DP
+size only) or ``fully_reshardable`` (each model-parallel shard's state is all-gathered over DP
+and written per parameter; resumable under any TP / PP / EP / CP / DP). Megatron's default
+format was refused by its own validator in 0.19.2 (docs/megatron-notes).
 """
 
 from __future__ import annotations
@@ -30,11 +36,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from indexcache_train.config.validate import OPTIMIZER_FORMATS
 from indexcache_train.training import checkpoint_files as files_on_disk
-from indexcache_train.training.checkpoint_files import LATEST, STATE_FILE, TMP_SUFFIX
+from indexcache_train.training.checkpoint_files import (
+    LATEST,
+    RUN_CONFIG_FILE,
+    STATE_FILE,
+    TMP_SUFFIX,
+)
 
 STEP_PREFIX = "step_"
-OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+#: The parallel settings a ``dp_reshardable`` optimizer state is tied to (it reshards over DP).
+MODEL_PARALLEL_KEYS = (
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "context_parallel_size",
+    "expert_model_parallel_size",
+    "pipeline_layout",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +67,8 @@ class TrainerState:
     stage_index: int
     consumed_train_samples: int
     reason: str  # interval | stage_end | final | signal
+    #: How the optimizer state was written (checkpoints that predate the field: dp_reshardable).
+    optimizer_format: str = "dp_reshardable"
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=1)
@@ -61,7 +83,12 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _sharded(chunks: list, optimizer: Any | None, is_loading: bool) -> dict[str, Any]:
+def _sharded(
+    chunks: list,
+    optimizer: Any | None,
+    is_loading: bool,
+    optimizer_format: str = OPTIMIZER_FORMATS[0],
+) -> dict[str, Any]:
     sd: dict[str, Any] = {}
     model_sd: dict[str, Any] = {}
     for i, c in enumerate(chunks):
@@ -69,8 +96,13 @@ def _sharded(chunks: list, optimizer: Any | None, is_loading: bool) -> dict[str,
         sd[key] = c.sharded_state_dict()
         model_sd.update(sd[key])
     if optimizer is not None:
+        metadata: dict[str, Any] = {"distrib_optim_sharding_type": optimizer_format}
+        if optimizer_format == "fully_reshardable":
+            # Keys by parameter name only: the same whether this layout chains one optimizer
+            # or two (EP > 1 gives experts their own), so EP=1 <-> EP>1 reshards too.
+            metadata["chained_optim_avoid_prefix"] = True
         sd["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=OPTIM_METADATA
+            model_sd, is_loading=is_loading, metadata=metadata
         )
     return sd
 
@@ -104,7 +136,9 @@ def save(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dist_checkpointing.save(_sharded(chunks, optimizer, is_loading=False), str(tmp))
+        fmt = state.optimizer_format
+        sharded = _sharded(chunks, optimizer, is_loading=False, optimizer_format=fmt)
+        dist_checkpointing.save(sharded, str(tmp))
     except Exception as e:  # every rank reaches the agreement below, whatever failed
         error = e
     if _all_ok(error is None) and _rank() == 0:
@@ -177,16 +211,87 @@ def load(d: Path, chunks: list, optimizer: Any | None) -> TrainerState:
 
     from indexcache_train.training.model_setup import init_optimizer_state
 
+    state = read_state(d)
     if optimizer is not None:
         init_optimizer_state(optimizer)  # a fresh optimizer has no state to load into yet
-    loaded = dist_checkpointing.load(_sharded(chunks, optimizer, is_loading=True), str(d))
+    sharded = _sharded(chunks, optimizer, is_loading=True, optimizer_format=state.optimizer_format)
+    loaded = dist_checkpointing.load(sharded, str(d))
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
-    if optimizer is not None:
+    if optimizer is not None and state.optimizer_format == "fully_reshardable":
+        _load_model_space_state(optimizer, loaded["optimizer"])
+    elif optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer)
     check_finite(chunks, d)
-    return read_state(d)
+    return state
+
+
+def _load_model_space_state(optimizer: Any, loaded: dict) -> None:
+    """A ``fully_reshardable`` optimizer state into this layout's optimizer(s).
+
+    Megatron's ``ChainedOptimizer.load_state_dict`` expects the saving layout's chaining (one
+    optimizer at EP=1, a dense and an expert one at EP>1). The per-parameter state is keyed by
+    parameter name, so each of this layout's optimizers takes its parameters' state from the part
+    of ``loaded`` it requested; the only other state used is Adam's step (the learning rate is
+    set every step, the betas come from the config)."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [loaded[i] for i in range(len(subs))] if len(subs) > 1 else [loaded]
+    steps = _saved_steps(loaded)
+    if len(steps) != 1:
+        raise CheckpointError(
+            f"checkpoint optimizer state has Adam steps {sorted(steps)}; expected one"
+        )
+    (step,) = steps
+    for opt, part in zip(subs, parts, strict=True):
+        opt.load_parameter_state_from_fully_reshardable(part["param_state"])
+        _set_adam_step(opt.optimizer, step)
+
+
+def _saved_steps(state: Any) -> set[float]:
+    """Adam steps of every ``param_groups`` entry in a loaded (nested) optimizer state."""
+    if isinstance(state, dict):
+        groups = state.get("param_groups") or []
+        found = {float(g["step"]) for g in groups if isinstance(g, dict) and "step" in g}
+        for key, value in state.items():
+            if key != "param_groups":
+                found |= _saved_steps(value)
+        return found
+    return set()
+
+
+def _set_adam_step(inner: Any, step: float) -> None:
+    """torch's Adam keeps ``step`` per parameter (bias correction); set it on every one."""
+    for st in inner.state.values():
+        if "step" in st:
+            st["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def check_resumable(d: Path, parallel: dict[str, Any]) -> None:
+    """Refuse, before anything is loaded, to resume a ``dp_reshardable`` checkpoint under other
+    model-parallel settings (its optimizer shards would not fit: Megatron fails deep inside the
+    load with a shape mismatch). ``parallel``: this run's ``parallel`` config section."""
+    import yaml
+
+    state = read_state(d)
+    config = d / RUN_CONFIG_FILE
+    if state.optimizer_format != "dp_reshardable" or not config.is_file():
+        return
+    saved = (yaml.safe_load(config.read_text()) or {}).get("parallel", {})
+    changed = {
+        k: (saved.get(k), parallel.get(k))
+        for k in MODEL_PARALLEL_KEYS
+        if k in saved and saved.get(k) != parallel.get(k)
+    }
+    if changed:
+        diff = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+        raise CheckpointError(
+            f"{d} holds a dp_reshardable optimizer state, which resumes only at its own "
+            f"model-parallel layout (any data-parallel size); this run changes {diff}. Resume "
+            "at the saved layout with checkpoint.optimizer_format=fully_reshardable and save "
+            "once (checkpoint.exit_after_steps=1), then resume that checkpoint under the new "
+            "layout; or start from its weights alone with checkpoint.load_pretrained"
+        )
 
 
 def _restore_adam_steps(optimizer: Any) -> None:
@@ -195,14 +300,9 @@ def _restore_adam_steps(optimizer: Any) -> None:
     freshly initialised state back over it (0), so Adam's bias correction would restart. Re-apply
     the checkpoint's step (exact resume depends on it)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        steps = {g["step"] for g in inner.param_groups if "step" in g}
-        if len(steps) != 1:
-            continue
-        step = float(steps.pop())
-        for st in inner.state.values():
-            if "step" in st:
-                st["step"] = torch.tensor(step, dtype=torch.float32)
+        steps = {g["step"] for g in opt.optimizer.param_groups if "step" in g}
+        if len(steps) == 1:
+            _set_adam_step(opt.optimizer, float(steps.pop()))
 
 
 @torch.no_grad()

@@ -317,13 +317,15 @@ def _checkpoint_files(cfg: TrainConfig, resolved: Resolved) -> dict[str, str]:
     # checkpoints directly.
     model = resolved.model
     return {
-        "run_config.yaml": to_yaml(cfg),
+        ckpt.RUN_CONFIG_FILE: to_yaml(cfg),
         MODEL_CONFIG_NAME: model_config_yaml(model.to_hf_config(), model),
     }
 
 
 def _save(job: Job, pos: StagePosition, reason: str) -> None:
-    state = ckpt.TrainerState(job.step, pos.index, job.consumed, reason)
+    state = ckpt.TrainerState(
+        job.step, pos.index, job.consumed, reason, job.cfg.checkpoint.optimizer_format
+    )
     job.checkpoint = ckpt.save(
         job.ckpt_root,
         [c.module for c in job.wrapped.ddp_chunks],

@@ -12,7 +12,7 @@ Everything decided here reads files only, identically on every rank.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ from omegaconf import OmegaConf
 from indexcache_train.config.compose import to_yaml
 from indexcache_train.config.schema import TrainConfig
 from indexcache_train.training import checkpoint_files
+from indexcache_train.training.checkpoint_files import RUN_CONFIG_FILE as RUN_CONFIG
 from indexcache_train.training.checkpointing import (
     CheckpointError,
     TrainerState,
+    check_resumable,
     latest,
     read_state,
 )
@@ -31,8 +33,6 @@ from indexcache_train.training.checkpointing import (
 __all__ = ["RESUME_SAFE", "ResumeError", "ResumePoint", "config_changes", "find_resume_point"]
 
 log = logging.getLogger("indexcache_train")
-
-RUN_CONFIG = "run_config.yaml"
 
 #: Keys (or sections) a resume may change: they do not change what the run trains.
 RESUME_SAFE: dict[str, str] = {
@@ -43,7 +43,8 @@ RESUME_SAFE: dict[str, str] = {
     "run.name": "locates the run directory",
     "run.root": "locates the run directory",
     "run.deterministic": "the same math with fixed kernel choices",
-    "parallel": "the same model laid out differently (Megatron refuses what it cannot reshard)",
+    "parallel": "the same model laid out differently (checkpointing.check_resumable refuses a "
+    "layout the checkpoint's optimizer format cannot reshard to)",
     "optim.micro_batch_size": "the same global batch; per-token loss gives the same update",
     "optim.on_nonfinite": "the guard's policy (its own advice is to resume with skip)",
     "optim.max_consecutive_skips": "the guard's policy",
@@ -112,6 +113,8 @@ def find_resume_point(cfg: TrainConfig, ckpt_root: Path) -> ResumePoint:
     Raises:
         ResumeError: ``auto_resume=false`` over existing checkpoints, or a config change that
             alters the run without ``checkpoint.allow_config_change=true``.
+        CheckpointError: A ``dp_reshardable`` optimizer state under another model-parallel
+            layout (:func:`~indexcache_train.training.checkpointing.check_resumable`).
     """
     found, skipped = latest(ckpt_root)
     for warning in skipped:
@@ -129,6 +132,7 @@ def find_resume_point(cfg: TrainConfig, ckpt_root: Path) -> ResumePoint:
     if found is None:
         return ResumePoint(None, None)
     point = ResumePoint(found, read_state(found))
+    check_resumable(found, asdict(cfg.parallel))
     saved = found / RUN_CONFIG
     if not saved.is_file():
         log.warning("%s has no %s: the config cannot be compared with it", found, RUN_CONFIG)

@@ -8,8 +8,10 @@
 #   gputrain  only the trainer's GPU test (tests/gpu/test_train_gpu.py)
 #   train1gpu train.py on one GPU (issue #7): the GPU toy, the ~1.2B bench model on corpus-v1 at
 #             8K and at 32K (warm-up + sparse); per-stage table by scripts/bench/run_summary.py
-#   parallel  scripts/bench/parallel_losses.py: DP=2 / TP=2+SP / CP=2 vs one GPU (needs 2 GPUs;
-#             on one GPU it runs the reference and the bf16 floor and reports the rest as not run)
+#   parallel  scripts/bench/parallel_losses.py (issue #25): the LAYOUTS (default all; a layout
+#             needing more GPUs than the machine has is reported not run) against one GPU, each
+#             resumed under another layout, the planted bugs, throughput; needs .devdata. Jobs
+#             persist in outputs/parallel: rc 4 = budget spent, run the same stage again
 #   longctx   train-step sweep at 64K / 128K with the chunked LM head + loss (model.lm_loss_chunk)
 set -u
 OUT=${OUT:-outputs/e2e}
@@ -54,7 +56,12 @@ for stage in "$@"; do
         runs/t1/toy_gpu-local/metrics.jsonl runs/t1/bench8k-local/metrics.jsonl \
         runs/t1/bench32k-local/metrics.jsonl ;;
     parallel)
-      run parallel "${T_PARALLEL:-420}" python3 scripts/bench/parallel_losses.py --out "$OUT/parallel" ;;
+      run parallel "${T_PARALLEL:-570}" python3 scripts/bench/parallel_losses.py \
+        --out outputs/parallel --layouts "${LAYOUTS:-all}" --budget-s "${BUDGET_S:-400}" --reuse
+      cp outputs/parallel/parallel_losses.json "$OUT/" 2>/dev/null
+      for d in outputs/parallel/*/; do
+        [ -f "$d/train.log" ] && tail -n 30 "$d/train.log" > "$OUT/parallel_$(basename "$d").log"
+      done ;;
     longctx)
       run longctx "${T_LONG:-420}" python3 scripts/bench/bench_train_step.py --out "$OUT/longctx" \
         --schedules "${LONG_SCHEDULES:-freq4}" --seqs "${LONG_SEQS:-65536,131072}" --steps 2 \

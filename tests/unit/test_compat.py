@@ -32,6 +32,15 @@ from megatron.core import parallel_state as ps
 ps.initialize_model_parallel(1, 1)
 """
 
+#: Scenario preamble: a seeded process and what a DDP + distributed-optimizer toy needs.
+DDP_IMPORTS = """
+compat.model_parallel_seed(0)
+from megatron.core.distributed import DistributedDataParallel as DDP, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+"""
+
 SCENARIOS = {
     # fix name -> (code after the prelude, error text expected without the fix)
     "rng_tracker": ("compat.model_parallel_seed(0)", "Torch not compiled with CUDA"),
@@ -79,12 +88,8 @@ _validate_grad_norm_group("indexer")   # MegatronOptimizer.clip_grad_norm valida
         "Unknown grad_norm_group 'indexer'",
     ),
     "distopt_mixed_dtype_order": (
-        """
-compat.model_parallel_seed(0)
-from megatron.core.distributed import DistributedDataParallel as DDP, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.module import MegatronModule
+        DDP_IMPORTS
+        + """
 cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, bf16=True,
                         params_dtype=torch.bfloat16, use_cpu_initialization=True)
 class M(MegatronModule):   # one group mixing dtypes, like our bf16 model + fp32 weights_proj
@@ -101,6 +106,39 @@ for p in m.module.parameters():
     assert main.numel() == p.numel(), f"wrong main param: {main.numel()} for {p.numel()}"
 """,
         "wrong main param",
+    ),
+    "distopt_reshardable_step": (
+        DDP_IMPORTS
+        + """
+from indexcache_train.training.model_setup import init_optimizer_state
+cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True)
+class M(MegatronModule):
+    def __init__(self):
+        super().__init__(cfg)
+        self.a = torch.nn.Parameter(torch.randn(16))
+m = DDP(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True), M())
+opt = get_megatron_optimizer(OptimizerConfig(lr=1e-3, use_distributed_optimizer=True), [m])
+init_optimizer_state(opt)   # torch Adam's state: param, exp_avg, exp_avg_sq and a `step` tensor
+dopt = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
+# What a fully_reshardable checkpoint holds per parameter (`step` lives in the param groups).
+dopt.load_parameter_state_from_fully_reshardable(
+    {0: {"fp32_param": torch.zeros(16), "exp_avg": torch.full((16,), 2.0), "exp_avg_sq": torch.ones(16)}}
+)
+st = dopt._get_main_param_and_optimizer_states(m.module.a)
+assert float(st["exp_avg"].min()) == 2.0 and float(st["param"].abs().max()) == 0.0, st
+""",
+        "KeyError: 'step'",
+    ),
+    "cpu_grad_norm": (
+        """
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+torch.manual_seed(0)
+g = torch.randn(3_219_456)   # an LM-head-sized gradient (50304 x 64)
+norm = get_grad_norm_fp32([g], grad_stats_parallel_group=dist.group.WORLD)
+exact = float(g.double().norm())
+assert abs(norm / exact - 1) < 1e-6, f"grad norm off by {norm / exact - 1:.1e}"
+""",
+        "grad norm off by",
     ),
     "cuda_streams": (
         """
@@ -157,11 +195,13 @@ def test_applied_fixes_listed() -> None:
     assert set(compat.applied_fixes()) == {
         "indexer_grad_norm_group",
         "distopt_mixed_dtype_order",
+        "distopt_reshardable_step",
         "current_device",
         "cuda_literals",
         "cuda_streams",
         "checkpoint_rng",
         "rng_tracker",
+        "cpu_grad_norm",
     }
 
 

@@ -114,3 +114,16 @@ def test_missing_pretrained_checkpoint_is_found_before_the_model_is_built(tmp_pa
     # A resume does not read it (the run's own checkpoint wins).
     _fake_checkpoint(tmp_path / "checkpoints", 4, [f"checkpoint.load_pretrained={tmp_path}"])
     assert find_resume_point(cfg, tmp_path / "checkpoints").step == 4
+
+
+def test_dp_reshardable_checkpoint_under_another_layout_is_refused_at_the_resume_point(
+    tmp_path: Path,
+) -> None:
+    d = _fake_checkpoint(tmp_path, 4, [])  # no optimizer_format: written as dp_reshardable
+    tp2 = compose([*TOY, "parallel.tensor_model_parallel_size=2"])
+    with pytest.raises(CheckpointError, match=r"tensor_model_parallel_size: 1 -> 2"):
+        find_resume_point(tp2, tmp_path)
+    state = json.loads((d / "trainer_state.json").read_text())
+    state["optimizer_format"] = "fully_reshardable"
+    (d / "trainer_state.json").write_text(json.dumps(state))
+    assert find_resume_point(tp2, tmp_path).step == 4
