@@ -176,6 +176,10 @@ class LoggingSection:
     eval_interval: int = 0
     """Held-out evaluation every N steps (0: only at the end)."""
     eval_iters: int = 2
+    eval_rows: int = 1024
+    """Query rows per sequence on which evaluation measures recall and the per-pair KL: a fixed
+    stratified sample (``loss/eval_sample.py``; its error against every row is in
+    docs/design.md), so an evaluation at 128K stays bounded. 0: every row (exact, O(S^2))."""
     wandb_mode: str = "disabled"
     """``disabled`` (null logger), ``offline`` or ``online`` (needs the ``wandb`` package:
     ``EXTRAS=test,wandb make setup``). ``metrics.jsonl`` / ``eval.jsonl`` are written always."""

@@ -267,6 +267,10 @@ def check_logging(cfg: TrainConfig) -> None:
     )
     _require(lg.eval_iters >= 1, f"logging.eval_iters={lg.eval_iters} must be >= 1")
     _require(
+        lg.eval_rows >= 0,
+        f"logging.eval_rows={lg.eval_rows} must be >= 0 (0: every row; N: a sample of N rows)",
+    )
+    _require(
         ck.save_interval >= 0,
         f"checkpoint.save_interval={ck.save_interval} must be >= 0 (0: stage ends and end only)",
     )

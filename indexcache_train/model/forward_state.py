@@ -152,8 +152,9 @@ class DSAForwardState:
     recall: dict[int, torch.Tensor] = field(default_factory=dict)
     #: Evaluation (``measure_recall`` without gradients) measures recall and the per-pair KL on
     #: this many query rows per sequence, a fixed stratified sample (loss/eval_sample.py) that
-    #: keeps its cost bounded at long context; 0 = every row.
-    eval_rows: int = 1024
+    #: keeps its cost bounded at long context; 0 = every row (the trainer passes
+    #: ``logging.eval_rows``).
+    eval_rows: int = 0
     #: Terms computed while the trunk ran without autograd (dense warm-up); see attach_pending.
     pending_losses: list[torch.Tensor] = field(default_factory=list)
     _entries: dict[TopKKey, _Entry] = field(default_factory=dict, repr=False)

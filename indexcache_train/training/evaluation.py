@@ -62,6 +62,7 @@ def evaluate(
                 frozen_trunk=False,
                 forward_only=True,
                 measure_recall=True,
+                eval_rows=cfg.logging.eval_rows,
             )
             lm += r.lm_loss
             n += 1

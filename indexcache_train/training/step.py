@@ -68,6 +68,7 @@ class StepRunner:
         distill: DistillSettings,
         frozen_trunk: bool,
         measure_recall: bool = False,
+        eval_rows: int = 0,
     ):
         batch = next(data_iterator)
         tokens, labels, loss_mask, position_ids, key_range = self._local_batch(batch)
@@ -78,6 +79,7 @@ class StepRunner:
             attention=attention,  # type: ignore[arg-type]
             distill=distill,
             measure_recall=measure_recall,
+            eval_rows=eval_rows,
         )
         self._states.append(state)
         with torch.no_grad() if frozen_trunk else nullcontext():
@@ -135,6 +137,7 @@ class StepRunner:
         frozen_trunk: bool,
         forward_only: bool,
         measure_recall: bool = False,
+        eval_rows: int = 0,
     ) -> StepResult:
         self._states.clear()
         forward_backward = get_forward_backward_func()
@@ -144,6 +147,7 @@ class StepRunner:
             distill=distill,
             frozen_trunk=frozen_trunk,
             measure_recall=measure_recall,
+            eval_rows=eval_rows,
         )
         out = forward_backward(
             forward_step_func=step,

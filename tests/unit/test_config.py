@@ -142,6 +142,7 @@ def test_plus_override_into_free_form_dict_is_accepted() -> None:
         (["model.seq_length=8192"], r"exceeds the model's max_position_embeddings=4096"),
         (["logging.log_interval=0"], r"logging.log_interval=0 must be >= 1"),
         (["logging.eval_iters=0"], r"logging.eval_iters=0 must be >= 1"),
+        (["logging.eval_rows=-1"], r"logging.eval_rows=-1 must be >= 0"),
         (["logging.wandb_mode=ofline"], r"logging.wandb_mode='ofline': use one of"),
     ],
 )

@@ -13,6 +13,7 @@ import torch
 
 import indexcache_train.model.attention as attention_module
 import indexcache_train.ops.api as ops_api
+import indexcache_train.training.step as step_module
 from indexcache_train.loss.recall import head_sum_probs_all_keys, topk_recall
 from indexcache_train.model.forward_state import DistillSettings
 from indexcache_train.model.toy_configs import glm5_toy_hf_config
@@ -200,7 +201,7 @@ def test_model_hook_measures_every_layer_with_the_reused_topk(attention: str, mo
         assert sparse_state.recall[0].tolist() == pytest.approx(st.recall[0].tolist(), abs=1e-9)
 
 
-def test_step_runner_reports_row_weighted_recall() -> None:
+def test_step_runner_reports_row_weighted_recall(monkeypatch) -> None:
     cfg, model = _toy()
     ids = torch.randint(0, cfg.vocab_size, (4, SEQ + 1), generator=torch.Generator().manual_seed(1))
 
@@ -214,26 +215,37 @@ def test_step_runner_reports_row_weighted_recall() -> None:
                 "position_ids": torch.arange(SEQ).expand(mbs, SEQ),
             }
 
-    results = []
-    for mbs in (4, 2):
+    def run(mbs: int, eval_rows: int):
         runner = StepRunner(cfg.schedule, SEQ, mbs, torch.device("cpu"))
         with torch.no_grad():
-            results.append(
-                runner.run(
-                    [model],
-                    batches(mbs),
-                    4 // mbs,
-                    attention="sparse",
-                    distill=DistillSettings(mode="multi", compute_grad=False),
-                    frozen_trunk=False,
-                    forward_only=True,
-                    measure_recall=True,
-                )
+            result = runner.run(
+                [model],
+                batches(mbs),
+                4 // mbs,
+                attention="sparse",
+                distill=DistillSettings(mode="multi", compute_grad=False),
+                frozen_trunk=False,
+                forward_only=True,
+                measure_recall=True,
+                eval_rows=eval_rows,
             )
-    one, two = results
+        return result
+
+    made = []
+    real_state = step_module.DSAForwardState
+    monkeypatch.setattr(
+        step_module,
+        "DSAForwardState",
+        lambda *a, **kw: made.append(real_state(*a, **kw)) or made[-1],
+    )
+    one, two = run(4, 0), run(2, 0)
     assert set(one.recall) == {0, 1, 2, 3, 4}
     for layer in one.recall:
         assert one.recall[layer] == pytest.approx(two.recall[layer], abs=1e-12)
+    # logging.eval_rows reaches every micro-batch's state: a quarter of the rows is measured.
+    made.clear()
+    run(2, SEQ // 4)
+    assert [int(st.recall[0][1]) for st in made] == [2 * SEQ // 4] * 2
 
 
 def test_eval_metrics_names_and_averages() -> None:
