@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from _common import GIB, OOM, REPO, free
+from _common import GIB, OOM, REPO, free, git_rev
 
 #: IndexCache schedules (config overrides). freq 4 / offset 1 = FSSS..., a quarter Full.
 SCHEDULES: dict[str, list[str]] = {
@@ -63,7 +63,11 @@ def package_line() -> str:
 
     root = Path(indexcache_train.__file__).resolve().parents[1]
     where = "no git metadata"
-    if _git(root, "rev-parse", "--show-toplevel") == str(root):
+    if root == REPO:
+        # This checkout: the commit rule of every bench script ($IC_COMMIT on the device, whose
+        # copy of .git may be stale: a GPU run once printed an old commit here).
+        where = f"commit {git_rev()}"
+    elif _git(root, "rev-parse", "--show-toplevel") == str(root):
         dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
         where = f"commit {_git(root, 'rev-parse', '--short', 'HEAD')}" + (
             "+uncommitted" if dirty else ""
