@@ -164,6 +164,7 @@ def run_cell(base, cell, device, flops, untimed: int, timed: int, profile: bool)
 
     t0 = time.perf_counter()
     res = _cells.attempt(go, keep_going=True)
+    _cells.release(built)
     del built
     _cells.free()
     if isinstance(res, dict):

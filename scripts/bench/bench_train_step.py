@@ -29,6 +29,7 @@ def run_cell(schedule: str, seq: int, steps: int, extra: tuple[str, ...] = ()) -
     cell = _cells.Cell(schedule, "sparse", seq, extra)
     built = _cells.build(_cells.compose_cell(BASE, cell), "sparse", torch.device("cuda"))
     out = _cells.measure(built, _cells.timed_steps(built, 1, steps), _cells.load_flops())
+    _cells.release(built)
     return {"schedule": schedule, "seq": seq, **out}
 
 

@@ -350,6 +350,7 @@ def _cell(base: list[str], cell: _cells.Cell, device: torch.device, memory: bool
     res = _cells.attempt(go, keep_going=True)
     if res == OOM and memory and device.type == "cuda" and built is not None:
         res = {"profile": None, "memory": _memory_step(built)}
+    _cells.release(built)
     del built
     _cells.free()
     return res

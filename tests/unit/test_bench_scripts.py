@@ -4,8 +4,10 @@ allocator-trace replay are checked on recorded kernel names and a hand-made trac
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -118,8 +120,21 @@ def test_topk_per_length() -> None:
         bench_glm5_layers.topk_for("131072:2", 32768)
 
 
-def test_smoke_runs_every_script_on_cpu(tmp_path: Path) -> None:
+def test_smoke_runs_every_script_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import _cells
+
+    models: list[weakref.ref] = []  # every cell's model must be gone once the cell is over
+    real_build = _cells.build
+
+    def build(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        models.append(weakref.ref(built.model_chunks()[0]))
+        return built
+
+    monkeypatch.setattr(_cells, "build", build)
     assert bench_glm5_layers.main(["--smoke", "--out", str(tmp_path)]) == 0
+    gc.collect()
+    assert len(models) == 4 and all(m() is None for m in models)
     out = json.loads((tmp_path / "glm5_layers.json").read_text())
     cells = out["cells"]
     assert sorted(cells) == sorted(
