@@ -173,6 +173,10 @@ def from_events(events: list, on_cuda: bool, wall_ms: float) -> Profile:
     from torch.autograd import DeviceType
 
     prof = Profile(wall_ms=wall_ms, device="cuda" if on_cuda else "cpu")
+    # record_function ranges (our MoE marker, the optimizer's step) also appear as device
+    # events spanning the kernels inside them: counted as kernels they double the time (a GPU
+    # profile once showed more kernel time than the step's wall time).
+    events = [e for e in events if not getattr(e, "is_user_annotation", False)]
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     scope = _forward_scope(cpu)
     if not on_cuda:

@@ -114,6 +114,34 @@ def test_peak_allocations_replays_the_trace() -> None:
     assert (oom["peak_gib"], oom["oom"], oom["live_at_peak"]) == (3.0, True, 2)
 
 
+def test_gpu_profile_counts_each_kernel_once() -> None:
+    """A kernel counts once, under its launching op; a record_function range's device event
+    (a user annotation spanning the kernels inside it) is not a kernel."""
+    from types import SimpleNamespace as Ns
+
+    from torch.autograd import DeviceType
+
+    def cuda(name, start, end, annotation=False):
+        return Ns(
+            name=name, device_type=DeviceType.CUDA, time_range=Ns(start=start, end=end),
+            duration=end - start, is_user_annotation=annotation,
+        )  # fmt: skip
+
+    gemm = cuda("nvjet_gemm", 0, 3000)
+    op = Ns(
+        name="aten::mm", device_type=DeviceType.CPU, kernels=[gemm], cpu_parent=None,
+        sequence_nr=1, thread=1, is_user_annotation=False,
+    )  # fmt: skip
+    mark = Ns(
+        name="Optimizer.step#AdamW.step", device_type=DeviceType.CPU, kernels=[],
+        cpu_parent=None, sequence_nr=-1, thread=1, is_user_annotation=True,
+    )  # fmt: skip
+    events = [op, mark, gemm, cuda("Optimizer.step#AdamW.step", 0, 3000, annotation=True)]
+    prof = profile_step.from_events(events, on_cuda=True, wall_ms=3.0)
+    assert prof.total_ms == pytest.approx(3.0)
+    assert [name for name, _ in prof.by_kernel] == ["nvjet_gemm"]
+
+
 def test_topk_per_length() -> None:
     assert [bench_glm5_layers.topk_for("8,131072:2", s) for s in (32768, 131072)] == [8, 2]
     with pytest.raises(ValueError, match="default top-k"):
