@@ -48,10 +48,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(REPO)]
 
+import table3_base  # noqa: E402
 from table3_analysis import Analysis  # noqa: E402
 from table3_plan import (  # noqa: E402
     ARMS,
     BASE_NAME,
+    GPU_BASE_ONLY_BUDGET_S,
     Job,
     Plan,
     Sizing,
@@ -120,6 +122,8 @@ class Protocol:
         self.launcher = Launcher(REPO, self.work, plan.common, env)
         self.analysis = Analysis(self.ledger, self.launcher, plan, self._prefixes())
         self.sparse_stage: dict[str, Any] = {}
+        #: The base's fingerprint and what it hashes (``table3_base``; set by the preflight).
+        self.base_fp, self.base_inputs = "", {}
 
     @property
     def runs(self) -> dict[str, dict[str, Any]]:
@@ -136,10 +140,11 @@ class Protocol:
     def preflight(self) -> None:
         """Every check that can fail before compute (raises :class:`RefusedError`)."""
         plan = self.plan
-        if plan.base_cap_s + plan.tail_reserve_s + plan.report_reserve_s >= plan.budget_s:
+        if plan.base_deadline_s <= 0:
             raise RefusedError(
-                f"--budget-s {plan.budget_s:g} leaves no time for the arms after the base cap "
-                f"({plan.base_cap_s:g} s) and the reserves. Fix: a larger --budget-s"
+                f"--budget-s {plan.budget_s:g} leaves no time for the base after the reserves "
+                f"of what follows it ({plan.budget_s - plan.base_deadline_s:g} s). Fix: a "
+                "larger --budget-s"
             )
         self._check_dirs()
         p = self.ledger.phase("preflight", None)
@@ -165,9 +170,13 @@ class Protocol:
             if not self.args.overwrite:
                 raise RefusedError(
                     f"--work {self.work} holds a previous protocol run (the trainer would resume "
-                    "it). Fix: --overwrite (deletes it) or another --work"
+                    "it). Fix: --overwrite (deletes it; with --reuse-base keeps its base) or "
+                    "another --work"
                 )
-            shutil.rmtree(self.work)
+            if self.plan.reuse_base:  # whether the base matches is decided after the preflight
+                table3_base.prune(self.work, table3_base.kept_paths(self.work))
+            else:
+                shutil.rmtree(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / WORK_MARKER).write_text("scratch of scripts/experiments/table3.py\n")
         handler = logging.FileHandler(self.work / "protocol.log")
@@ -210,8 +219,21 @@ class Protocol:
 
     def _check_configs(self) -> None:
         """Compose and validate the base and every arm's overrides (placeholder step counts)."""
-        cfg, resolved = self._compose("table3_base", list(self.plan.base_overrides))
+        overrides = list(self.plan.all_base_overrides)
+        cfg, resolved = self._compose("table3_base", overrides)
         self.ledger.set("base_steps", [s.steps for s in cfg.recipe.stages])
+        self.base_inputs = {
+            "overrides": [*self.plan.common, *overrides],
+            "base_steps": self.ledger.results["base_steps"],
+            "seed": cfg.run.seed,
+            **{
+                k: asdict(getattr(cfg, k))
+                for k in ("model", "indexcache", "distill", "recipe", "optim")
+            },
+            **table3_base.data_identity(self._prefixes()),
+        }
+        self.base_fp = table3_base.fingerprint(self.base_inputs)
+        self.ledger.set("base_fingerprint", self.base_fp)
         self.ledger.set(
             "model",
             {
@@ -225,7 +247,7 @@ class Protocol:
         self.sparse_stage = asdict(arm_cfg.recipe.stages[-1])
         freq4 = arm_resolved.model.schedule.pattern
         self.analysis.freq4_pattern = freq4
-        for job in [*arm_jobs(self.plan)[:4], Job("probe", "e", 1)]:
+        for job in [Job(f"probe_{k}", k, 1) for k in ARMS]:
             self._compose("table3_arm", job_overrides(job, 1, 2, 1, self.sparse_stage, freq4))
         patterns = {"a": "F" * resolved.model.num_layers, "e": "(searched)"}
         for k in ARMS:
@@ -292,9 +314,30 @@ class Protocol:
         )  # fmt: skip
         return run["status"]
 
+    def obtain_base(self) -> bool:
+        """The base for the arms: reused from the work dir (``--reuse-base``: a marker with
+        this call's fingerprint and a complete base), else trained (resumed from its own
+        checkpoint when a previous call stopped it at its deadline). True when it is done."""
+        if self.plan.reuse_base:
+            marker, why = table3_base.reusable(self.work, self.base_fp, self.base_inputs)
+            if marker is not None and marker.get("complete"):
+                p = self.ledger.phase("base", None)
+                self.ledger.note(f"--reuse-base: {why}: not retrained")
+                reason = f"reused: trained by an earlier call (fingerprint {self.base_fp})"
+                self.ledger.update_run(BASE_NAME, **{**marker["run"], "reason": reason})
+                self.ledger.end_phase(p, "reused")
+                return True
+            if marker is None:
+                table3_base.discard(self.work)
+                self.ledger.note(f"--reuse-base: {why}: training the base in this call")
+            else:
+                self.ledger.note(f"--reuse-base: {why}: resuming it from its checkpoint")
+        return self.run_base()
+
     def run_base(self) -> bool:
+        """Train the base; at its deadline (``plan.base_deadline_s``) ask it to stop (it saves)."""
         plan = self.plan
-        p = self.ledger.phase("base", plan.base_cap_s)
+        p = self.ledger.phase("base", plan.base_deadline_s - self.ledger.now())
         steps = sum(self.ledger.results["base_steps"])
         self.ledger.update_run(
             BASE_NAME,
@@ -304,28 +347,43 @@ class Protocol:
             steps_total=steps,
             _t0=self.ledger.now(),
         )
-        proc, logfile = self.launcher.launch(BASE_NAME, "table3_base", list(plan.base_overrides))
+        overrides = list(plan.all_base_overrides)
+        proc, logfile = self.launcher.launch(BASE_NAME, "table3_base", overrides)
         killed = False
         try:
-            proc.wait(
-                timeout=max(1.0, min(plan.base_cap_s, plan.arms_deadline_s - self.ledger.now()))
-            )
+            proc.wait(timeout=max(1.0, plan.base_deadline_s - self.ledger.now()))
         except subprocess.TimeoutExpired:
             killed = True
+            self.launcher.stop(proc, plan.stop_grace_s)  # it saves: the next call resumes it
         finally:  # also on SIGTERM: never leave a job behind
             if proc.poll() is None:
                 self.launcher.kill(proc)
             logfile.close()
-        status = self._finish_run(BASE_NAME, proc.returncode, killed)
-        if status == "done":
-            final = self.base_checkpoint()
-            for d in final.parent.glob("step_*"):  # the arms load only the final one
-                if d != final:
-                    shutil.rmtree(d, ignore_errors=True)
-        else:
+        status = self._finish_run(BASE_NAME, proc.returncode, killed, "its deadline")
+        if status in ("done", "partial"):
+            self._mark_base(status == "done")
+        if status != "done":
             self.ledger.note("the base did not finish: no arm can start")
         self.ledger.end_phase(p, "ok" if status == "done" else status)
         return status == "done"
+
+    def _mark_base(self, complete: bool) -> None:
+        """Keep only the base's last checkpoint and write its marker (``table3_base``)."""
+        from indexcache_train.training.checkpointing import latest
+
+        final, _ = latest(self.launcher.run_dir(BASE_NAME) / "checkpoints")
+        if final is None:
+            self.ledger.note("the base left no complete checkpoint: nothing to reuse")
+            return
+        for d in final.parent.glob("step_*"):  # the arms (and a resume) load only the last one
+            if d != final:
+                shutil.rmtree(d, ignore_errors=True)
+        with self.ledger.lock:
+            run = {k: v for k, v in self.runs[BASE_NAME].items() if not k.startswith("_")}
+        table3_base.write_marker(
+            self.work, self.base_fp, self.base_inputs, complete=complete,
+            steps_done=table3_base.checkpoint_step(final), run=run,
+        )  # fmt: skip
 
     def base_checkpoint(self) -> Path:
         from indexcache_train.training.checkpointing import latest
@@ -532,7 +590,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--arm-steps", help="W,S: fix the arms' warm-up and sparse steps instead of sizing them"
     )
+    ap.add_argument(
+        "--base-steps", help="D,S: the base's dense and sparse stage steps (default: the config's)"
+    )
     ap.add_argument("--seeds", help="comma list of seeds for (a)-(d) (default 1,2,3)")
+    ap.add_argument("--arms", help=f"comma list of the arms to train (default {','.join(ARMS)})")
+    ap.add_argument(
+        "--stop-after",
+        choices=("base",),
+        help="base: train the base, run its analysis (search, evaluations), report, exit 0 "
+        f"(device budget {GPU_BASE_ONLY_BUDGET_S:g} s)",
+    )
+    ap.add_argument(
+        "--reuse-base",
+        action="store_true",
+        help="reuse the base in --work when its fingerprint matches (with its cached analysis); "
+        "with --overwrite the base is kept. Else (missing, mismatched) it is trained",
+    )
     ap.add_argument("--concurrency", type=int, help="training jobs at once (default 3; smoke 2)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib)")
     ap.add_argument("--overwrite", action="store_true", help="replace outputs / a previous --work")
@@ -542,19 +616,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_plan(args: argparse.Namespace) -> Plan:
     """The mode's plan with the CLI's changes (checked: RefusedError names the flag)."""
     plan = smoke_plan() if args.smoke else gpu_plan()
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {"reuse_base": args.reuse_base, "stop_after": args.stop_after}
+    if args.stop_after:
+        ignored = [f for f in ("arm_steps", "arms", "seeds") if getattr(args, f)]
+        if ignored:
+            flags = ", ".join("--" + f.replace("_", "-") for f in ignored)
+            raise RefusedError(
+                f"--stop-after base trains no arm: {flags} would be ignored. Fix: drop them"
+            )
+        if not args.smoke:
+            changes["budget_s"] = GPU_BASE_ONLY_BUDGET_S
     if args.budget_s is not None:
         changes["budget_s"] = args.budget_s
     if args.arm_steps:
-        try:
-            w, s = (int(x) for x in args.arm_steps.split(","))
-        except ValueError:
-            raise RefusedError(
-                f"--arm-steps {args.arm_steps!r}: expected W,S (e.g. 12,12)"
-            ) from None
+        w, s = _int_pair("--arm-steps", args.arm_steps, "W,S (e.g. 12,12)")
         if w < 1 or s < 2:
             raise RefusedError(f"--arm-steps {args.arm_steps}: W must be >= 1 and S >= 2")
         changes["arm_steps"] = (w, s)
+    if args.base_steps:
+        d, s = _int_pair("--base-steps", args.base_steps, "D,S (e.g. 240,40)")
+        if d < 1 or s < 1:
+            raise RefusedError(f"--base-steps {args.base_steps}: D and S must be >= 1")
+        changes["base_steps"] = (d, s)
+    if args.arms:
+        arms = tuple(args.arms.split(","))
+        if not arms or set(arms) - set(ARMS) or len(set(arms)) != len(arms):
+            raise RefusedError(
+                f"--arms {args.arms!r}: expected distinct arms from {','.join(ARMS)} (e.g. a,b)"
+            )
+        changes["arms"] = tuple(k for k in ARMS if k in arms)
     if args.seeds:
         try:
             seeds = tuple(int(x) for x in args.seeds.split(","))
@@ -572,11 +662,23 @@ def build_plan(args: argparse.Namespace) -> Plan:
     return with_overrides(plan, **changes)
 
 
+def _int_pair(flag: str, value: str, expected: str) -> tuple[int, int]:
+    """``"12,12"`` -> (12, 12); RefusedError naming ``flag`` otherwise."""
+    try:
+        a, b = (int(x) for x in value.split(","))
+    except ValueError:
+        raise RefusedError(f"{flag} {value!r}: expected {expected}") from None
+    return a, b
+
+
 def _run(proto: Protocol) -> str:
     """The phases after the preflight; returns the final status."""
-    if not proto.run_base():
+    if not proto.obtain_base():
         return "partial"
-    proto.analysis.start_base(proto.base_checkpoint(), BASE_NAME)
+    proto.analysis.start_base(proto.base_checkpoint(), BASE_NAME, proto.base_fp)
+    if proto.plan.stop_after == "base":
+        drained = proto.drain()
+        return "base only" if drained and proto.analysis.base_done() else "partial"
     proto.run_arms()
     drained = proto.drain()
     complete = drained and all(r["status"] in TERMINAL for r in proto.runs.values())
@@ -617,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
         proto.finish(status)
     print(f"{status}: {proto.out / 'table.md'}", flush=True)
-    code = {"complete": 0, "partial": 3}.get(status, 1)
+    code = {"complete": 0, "base only": 0, "partial": 3}.get(status, 1)
     if not proto.analysis.pool.idle():
         os._exit(code)  # an analysis step is still running past the deadline: do not wait
     return code

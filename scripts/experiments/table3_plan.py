@@ -88,7 +88,10 @@ class Plan:
     e_seeds: int
     concurrency: int
     budget_s: float
-    base_cap_s: float
+    #: After the base's deadline signal (SIGTERM) it has this long to save and exit.
+    stop_grace_s: float
+    #: ``stop_after="base"``: kept after the base for its analysis (export, search, evals).
+    base_reserve_s: float
     tail_reserve_s: float
     report_reserve_s: float
     #: Arm steps: fixed (W, S), or None to size S from the base's measured speed.
@@ -104,11 +107,41 @@ class Plan:
     warmup_end_eval: bool = True
     #: Train (e) even when the search returns freq 4's own pattern (then (e) repeats (d)).
     train_e_if_same: bool = False
+    #: The arms to train (``--arms``), in :data:`ARMS` order.
+    arms: tuple[str, ...] = tuple(ARMS)
+    #: The base's dense and sparse stage steps (``--base-steps``); None: the config's.
+    base_steps: tuple[int, int] | None = None
+    #: ``"base"``: stop after the base and its analysis (``--stop-after``); None: everything.
+    stop_after: str | None = None
+    #: Reuse a completed base of the same fingerprint found in the work dir (``--reuse-base``).
+    reuse_base: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def arms_deadline_s(self) -> float:
         return self.budget_s - self.tail_reserve_s - self.report_reserve_s
+
+    @property
+    def base_deadline_s(self) -> float:
+        """When a base still training is asked to stop (SIGTERM: it saves at the next step
+        boundary and exits within ``stop_grace_s``): derived from the budget so that what
+        follows it (the base's analysis, or the arms) keeps its reserve."""
+        after = self.analysis_deadline_s - self.base_reserve_s
+        if self.stop_after != "base":
+            after = self.arms_deadline_s
+        return after - self.stop_grace_s
+
+    @property
+    def all_base_overrides(self) -> tuple[str, ...]:
+        """The base's Hydra overrides, ``base_steps`` last (they win)."""
+        if self.base_steps is None:
+            return self.base_overrides
+        dense, sparse = self.base_steps
+        return (
+            *self.base_overrides,
+            f"recipe.stages.0.steps={dense}",
+            f"recipe.stages.1.steps={sparse}",
+        )
 
     @property
     def analysis_deadline_s(self) -> float:
@@ -167,15 +200,24 @@ SMOKE_BASE = (
 )
 
 
+#: ``--stop-after base`` on the device: the base and its analysis only, so the budget may run
+#: closer to table3.sh's 540 s limit (no arm can be cut mid-save).
+GPU_BASE_ONLY_BUDGET_S = 510.0
+
+
 def gpu_plan(budget_s: float = 480.0) -> Plan:
-    """One H100: 3 seeds of (a)-(d), one of (e), 3 training jobs at once, S sized to the budget."""
+    """One H100: 3 seeds of (a)-(d), one of (e), 3 training jobs at once (~16 GB each; 4 may
+    fit an 80 GB card beside the analysis), S sized to the budget."""
     return Plan(
         mode="gpu",
         seeds=(1, 2, 3),
         e_seeds=1,
         concurrency=3,
         budget_s=budget_s,
-        base_cap_s=220.0,
+        # #24's first run: the final save took 7 s, the stage-end one 18 s, exit ~12 s.
+        stop_grace_s=40.0,
+        # #24's first run: export 2 s, search 13 s, base evaluation 43 s (beside 3 arms).
+        base_reserve_s=60.0,
         tail_reserve_s=45.0,
         report_reserve_s=12.0,
         arm_steps=None,
@@ -195,7 +237,8 @@ def smoke_plan(budget_s: float = 600.0) -> Plan:
         e_seeds=1,
         concurrency=2,
         budget_s=budget_s,
-        base_cap_s=240.0,
+        stop_grace_s=30.0,
+        base_reserve_s=90.0,
         tail_reserve_s=60.0,
         report_reserve_s=15.0,
         arm_steps=None,
@@ -224,9 +267,9 @@ def arm_jobs(plan: Plan) -> list[Job]:
     """Launch order: (a)-(d) seed by seed, (e)'s seeds after the first round of (a)-(d) (it
     waits for the search) and after the last; a budget cut drops the tail first."""
     jobs: list[Job] = []
-    e_left = list(plan.seeds[: plan.e_seeds])
+    e_left = list(plan.seeds[: plan.e_seeds]) if "e" in plan.arms else []
     for i, seed in enumerate(plan.seeds):
-        jobs += [Job(f"{k}_s{seed}", k, seed) for k in "abcd"]
+        jobs += [Job(f"{k}_s{seed}", k, seed) for k in "abcd" if k in plan.arms]
         if i == 0 and e_left:
             s = e_left.pop(0)
             jobs.append(Job(f"e_s{s}", "e", s))

@@ -197,6 +197,8 @@ def arms_table(results: Mapping[str, Any]) -> list[str]:
         info = arms.get(key, {})
         if not s:
             why = {f"{r['status']} ({r.get('reason', '')})" for r in runs if r.get("arm") == key}
+            if key not in results.get("plan", {}).get("arms", ARM_KEYS):
+                why = {"not selected (--arms)"}
             row = [f"({key}) {info.get('label', '')}", "-", "0", "; ".join(sorted(why)) or "-"]
             lines.append("| " + " | ".join(row + [""] * (len(head) - len(row))) + " |")
             continue
@@ -289,13 +291,20 @@ def hf_lines(hf: Mapping[str, Any] | None) -> list[str]:
     if "error" in hf:
         return [f"HF check: failed ({hf['error']})."]
     verdict = "PASS" if hf["ok"] else "FAIL"
-    return [
+    ours_fp32 = hf.get("ours_fp32")
+    fp32 = "not run" if ours_fp32 is None else f"{ours_fp32:.5f}"
+    lines = [
         f"HF check ({hf.get('source', '')}, {hf['docs']} documents x {hf['seq']} tokens, "
         f"transformers {hf['transformers']}): **{verdict}**. Held-out loss ours ({hf['ours_dtype']}) "
-        f"{hf['ours']:.5f}, transformers bf16 {hf['transformers_bf16']:.5f}, fp32 "
-        f"{hf['transformers_fp32']:.5f}; bf16 floor {hf['bf16_floor']:.2e}, |ours - fp32| "
+        f"{hf['ours']:.5f}, ours fp32 {fp32}, transformers bf16 {hf['transformers_bf16']:.5f}, "
+        f"fp32 {hf['transformers_fp32']:.5f}; bf16 floor {hf['bf16_floor']:.2e}, |ours - fp32| "
         f"{hf['diff_vs_fp32']:.2e}, tolerance {hf['tolerance']:.2e} ({hf['rule']})."
     ]
+    if hf.get("ours_fp32_error"):
+        lines.append(
+            f"Our fp32 evaluation failed ({hf['ours_fp32_error']}): transformers' floor only."
+        )
+    return lines
 
 
 def _section(title: str, lines: list[str]) -> list[str]:

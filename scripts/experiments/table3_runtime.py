@@ -159,6 +159,18 @@ class Launcher:
         )
         return proc, f
 
+    @classmethod
+    def stop(cls, proc: subprocess.Popen, grace_s: float) -> None:
+        """SIGTERM the job alone (the trainer saves at the next step boundary and exits; its
+        data-loader workers must live until then), then :meth:`kill` what is left after
+        ``grace_s``."""
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log.info("job %d still running %.0f s after SIGTERM: killed", proc.pid, grace_s)
+        cls.kill(proc)
+
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
         """SIGKILL the job's process group (the job and its data-loader workers)."""

@@ -118,3 +118,72 @@ def test_tarball_holds_every_runs_metrics_and_evaluations(smoke) -> None:
     for ev in ("base", "a_s1", "b_s1", "e_s1", "a_s1@warmup"):
         assert f"eval/{ev}/results.json" in names
     assert "search/result.json" in names and "hfcheck/ours/results.json" in names
+
+
+# ---------------------------------------------------------------------- two device calls
+def _call(root: Path, out: str, env: dict, *flags: str) -> tuple[dict, str, str]:
+    """One driver call into ``root/out`` on the shared ``root/work`` (as table3.sh: --overwrite);
+    returns results.json, that call's protocol.log and table.md."""
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), "--smoke", "--no-plots", "--overwrite", "--out",
+         str(root / out), "--work", str(root / "work"), *flags],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results, log, table = (
+        (root / out / f).read_text() for f in ("results.json", "protocol.log", "table.md")
+    )
+    return json.loads(results), log, table
+
+
+@pytest.fixture(scope="module")
+def two_calls(tmp_path_factory, subprocess_env) -> dict:
+    """Call A (the base and its analysis), call B (reuses both, trains (d) and (e)), call C
+    (another --base-steps: the fingerprint differs, the base is retrained)."""
+    root = tmp_path_factory.mktemp("table3_two")
+    got = {"A": _call(root, "a", subprocess_env, "--stop-after", "base", "--base-steps", "3,2")}
+    got["marker_A"] = json.loads((root / "work/base.json").read_text())
+    got["B"] = _call(
+        root, "b", subprocess_env, "--reuse-base", "--base-steps", "3,2", "--arms", "d,e"
+    )
+    got["C"] = _call(
+        root, "c", subprocess_env, "--reuse-base", "--base-steps", "4,2", "--stop-after", "base"
+    )
+    got["marker_C"] = json.loads((root / "work/base.json").read_text())
+    return got
+
+
+def test_call_a_trains_the_base_and_its_analysis_only(two_calls) -> None:
+    results, log, _ = two_calls["A"]
+    assert results["status"] == "base only"
+    assert [p["name"] for p in results["phases"]] == ["preflight", "base", "analysis tail"]
+    assert set(results["runs"]) == {"base"} and results["runs"]["base"]["steps_total"] == 5
+    assert set(results["reference"]) == {"base", "base@freq4", "base@searched"}
+    assert "launch base" in log and "search: " in log
+    marker = two_calls["marker_A"]
+    assert marker["complete"] and marker["steps_done"] == 5
+    assert marker["fingerprint"] == results["base_fingerprint"]
+
+
+def test_call_b_reuses_the_base_and_its_analysis(two_calls) -> None:
+    (a, _, _), (b, log, table) = two_calls["A"], two_calls["B"]
+    assert b["status"] == "complete"
+    assert "launch base" not in log and "export base" not in log and "search: " not in log
+    assert "base analysis reused from the cache" in log
+    assert any("not retrained" in n for n in b["notes"])
+    assert b["phases"][1] == {**b["phases"][1], "name": "base", "status": "reused"}
+    assert b["runs"]["base"]["wall_s"] == a["runs"]["base"]["wall_s"]  # call A's record
+    assert set(b["runs"]) == {"base", "d_s1", "e_s1"}
+    assert b["search"] == a["search"] and b["reference"] == a["reference"]
+    assert b["base_quality"] == a["base_quality"]
+    assert b["runs"]["e_s1"]["final"]["pattern"] == a["search"]["pattern"]
+    base = a["reference"]["base"]["loss"]
+    assert f"| base | `FFFFFFFF` | {base:.4f} |" in table  # call B's report shows call A's evals
+
+
+def test_another_base_steps_retrains_the_base(two_calls) -> None:
+    c, log, _ = two_calls["C"]
+    assert c["status"] == "base only" and "launch base" in log
+    assert any("differs in: base_steps" in n and "training the base" in n for n in c["notes"])
+    assert c["runs"]["base"]["steps_total"] == 6
+    assert two_calls["marker_C"]["fingerprint"] != two_calls["marker_A"]["fingerprint"]

@@ -20,7 +20,7 @@ SPARSE = {"name": "sparse", "steps": 2, "lr": 1e-4, "attention": "sparse", "trai
 
 
 def _protocol(tmp_path: Path, monkeypatch, speeds: Speeds, **plan_changes) -> table3.Protocol:
-    changes = {"budget_s": 6.0, "tail_reserve_s": 1.0, "report_reserve_s": 1.0, "base_cap_s": 1.0}
+    changes = {"budget_s": 6.0, "tail_reserve_s": 1.0, "report_reserve_s": 1.0, "stop_grace_s": 1.0}
     plan = with_overrides(smoke_plan(), **{**changes, "arm_steps": (1, 2), **plan_changes})
     args = argparse.Namespace(
         out=tmp_path / "out", work=tmp_path / "work", data_dir=None, no_plots=True,
@@ -149,3 +149,84 @@ def test_refusals_before_any_compute(tmp_path: Path, capsys) -> None:
     assert (work / "something").read_text() == "not ours"  # never deleted
     assert table3.main([*argv[:-1], "--budget-s", "100", "--overwrite"]) == 2
     assert "leaves no time" in capsys.readouterr().err
+
+
+def test_refusals_of_the_two_call_flags(tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "out")
+    for argv, message in (
+        (["--base-steps", "300"], "--base-steps '300': expected D,S"),
+        (["--base-steps", "0,2"], "D and S must be >= 1"),
+        (["--arms", "a,x"], "expected distinct arms from a,b,c,d,e"),
+        (["--arms", "a,a"], "expected distinct arms"),
+        (["--stop-after", "base", "--arm-steps", "2,2"], "--arm-steps would be ignored"),
+    ):
+        assert table3.main(["--smoke", "--out", out, *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+TRAPS_SIGTERM = """
+import signal, sys, time
+def save(*_):
+    open(sys.argv[1], "w").write("saved")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+time.sleep(120)
+"""
+
+
+def test_the_base_is_asked_to_stop_at_its_deadline_and_may_save(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """At the base deadline the trainer gets SIGTERM (it saves, then exits), not SIGKILL; the
+    stopped base is marked (incomplete) for the next call to resume."""
+    proto = _protocol(tmp_path, monkeypatch, Speeds(1, 1, 0), budget_s=10.0, stop_grace_s=5.0)
+    proto.ledger.set("base_steps", [4, 2])
+    saved = tmp_path / "saved"
+
+    def launch(name: str, experiment: str, overrides: list[str]):
+        f = open(tmp_path / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-c", TRAPS_SIGTERM, str(saved)], stdout=f)
+        proto.launched.append(proc)
+        return proc, f
+
+    marks: list[bool] = []
+    monkeypatch.setattr(proto.launcher, "launch", launch)
+    monkeypatch.setattr(proto, "_mark_base", marks.append)
+    assert proto.plan.base_deadline_s == pytest.approx(3.0)  # 10 - 1 - 1 - 5 s of grace
+    assert proto.run_base() is False
+    assert saved.read_text() == "saved" and proto.launched[0].returncode == 0
+    assert proto.ledger.now() < 8
+    assert marks == [False]
+    assert proto.runs["base"]["status"] == "partial"
+    assert proto.runs["base"]["reason"] == "stopped at its deadline"
+
+
+@pytest.mark.parametrize("state", ["complete", "stopped", "other", "missing"])
+def test_reuse_base_decides_from_the_marker(tmp_path: Path, monkeypatch, state: str) -> None:
+    import table3_base
+
+    proto = _protocol(tmp_path, monkeypatch, Speeds(1, 1, 0), reuse_base=True)
+    proto.base_inputs = {"base_steps": [4, 2]}
+    proto.base_fp = table3_base.fingerprint(proto.base_inputs)
+    trained: list[bool] = []
+    monkeypatch.setattr(proto, "run_base", lambda: trained.append(True) or True)
+    run = {"status": "done", "steps_done": 6, "steps_total": 6, "wall_s": 20.0}
+    if state != "missing":
+        fp = proto.base_fp if state != "other" else "0" * 16
+        table3_base.write_marker(
+            proto.work, fp, {"base_steps": [3, 2]}, complete=state != "stopped", steps_done=6,
+            run=run,
+        )  # fmt: skip
+    assert proto.obtain_base() is True
+    note = proto.ledger.results["notes"][-1]
+    if state == "complete":
+        assert trained == [] and "not retrained" in note
+        assert proto.runs["base"]["wall_s"] == 20.0 and "reused" in proto.runs["base"]["reason"]
+        assert proto.ledger.results["phases"][-1]["status"] == "reused"
+    else:
+        assert trained == [True]
+        assert ("resuming" in note) == (state == "stopped")
+        assert (proto.work / "base.json").exists() == (state == "stopped")  # else discarded
+    if state == "other":
+        assert "differs in: base_steps" in note

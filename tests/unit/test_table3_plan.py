@@ -121,5 +121,28 @@ def test_sizing_bounds_fixed_steps_and_missing_inputs() -> None:
 
 def test_budgets_leave_room_for_the_arms() -> None:
     for plan in (gpu_plan(), smoke_plan()):
-        assert plan.base_cap_s < plan.arms_deadline_s < plan.analysis_deadline_s < plan.budget_s
+        assert (
+            0
+            < plan.base_deadline_s
+            < plan.arms_deadline_s
+            < plan.analysis_deadline_s
+            < plan.budget_s
+        )
     assert gpu_plan().budget_s == 480.0
+
+
+def test_base_steps_arms_and_the_base_deadline() -> None:
+    plan = with_overrides(gpu_plan(), base_steps=(240, 40), arms=("b", "e"))
+    assert plan.all_base_overrides[-2:] == (
+        "recipe.stages.0.steps=240",
+        "recipe.stages.1.steps=40",
+    )
+    assert gpu_plan().all_base_overrides == ()
+    assert [j.name for j in arm_jobs(plan)] == ["b_s1", "e_s1", "b_s2", "b_s3"]
+    # The base is asked to stop early enough for what follows it to keep its reserve.
+    full = gpu_plan()
+    assert full.base_deadline_s == full.arms_deadline_s - full.stop_grace_s
+    base_only = with_overrides(full, stop_after="base", budget_s=510.0)
+    assert base_only.base_deadline_s == pytest.approx(
+        510.0 - base_only.report_reserve_s - base_only.base_reserve_s - base_only.stop_grace_s
+    )

@@ -179,3 +179,21 @@ def test_plots_need_matplotlib_or_say_how_to_get_it(tmp_path: Path) -> None:
     assert all(
         f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 10_000 for f in files
     )
+
+
+def test_hf_rule_uses_the_larger_floor_and_can_fail() -> None:
+    """#24's first run: ours 5.89338, transformers bf16 5.89349, fp32 5.89352 failed on
+    transformers' floor alone (3.2e-5). Our own bf16-vs-fp32 difference is a floor too."""
+    from table3_analysis import hf_verdict
+
+    ours, bf16, fp32 = 5.89338, 5.89349, 5.89352
+    alone = hf_verdict(ours, None, bf16, fp32)
+    assert not alone["ok"] and alone["ours_bf16_floor"] is None
+    ok = hf_verdict(ours, 5.89350, bf16, fp32)  # our bf16 moves our loss by 1.2e-4
+    assert ok["ok"] and ok["bf16_floor"] == pytest.approx(1.2e-4)
+    assert ok["tolerance"] == pytest.approx(3.6e-4)
+    # An export bug moves our loss in both dtypes: beyond the floor, the check fails.
+    planted = hf_verdict(ours + 1e-3, 5.89350 + 1e-3, bf16, fp32)
+    assert not planted["ok"] and planted["diff_vs_fp32"] > planted["tolerance"]
+    exact = hf_verdict(5.0, 5.0, 5.0, 5.0)  # fp32 everywhere: the absolute minimum applies
+    assert exact["ok"] and exact["tolerance"] == pytest.approx(1e-4)
