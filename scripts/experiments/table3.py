@@ -21,6 +21,12 @@ What runs (``table3_plan.py``: the arms, budgets and step sizing):
    ``copy_vs_distance.png``, ``protocol.log``, ``runs.tar.gz`` (every run's ``metrics.jsonl``
    / ``eval.jsonl`` / config / log and every evaluation's ``results.json``).
 
+Two device calls (one command may run 600 s; a warm device keeps ``--work``): ``--stop-after
+base`` runs 1. and the base's analysis only (status "base only", exit 0); a later call with
+``--reuse-base`` finds that base by its fingerprint (``table3_base.py``: the base config with
+``--base-steps``, the data) and reuses it and its cached analysis, or says why not and trains
+it. The base is asked to stop (SIGTERM: it saves) at a deadline derived from ``--budget-s``.
+
 A wall-clock guard enforces ``--budget-s``: arms still training at the arms deadline are
 stopped (partial), arms that cannot finish in time are not started, analysis still queued at
 the analysis deadline is reported as not run; ``results.json`` / ``table.md`` are rewritten

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The Table-3 protocol (issue #24) in one device call: one GPU, <= 480 s, report into $OUT.
+# The Table-3 protocol (issue #24) on one GPU, one device call (<= 540 s) or two; report into $OUT.
 #   source .whl/prelude.sh && bash scripts/experiments/table3.sh "$OUT"
+# Two calls, the second within ~30 s of the first (a warm device keeps runs/table3):
+#   A: bash scripts/experiments/table3.sh "$OUT" --stop-after base --base-steps D,S
+#      (the base, its search and zero-step evaluations; budget 510 s; status "base only")
+#   B: bash scripts/experiments/table3.sh "$OUT" --reuse-base --base-steps D,S --arm-steps W,S
+#      (reuses A's base and analysis when its fingerprint matches, else says so and trains it)
 # Needs .devdata/corpus_v1 (or CORPUS_V1_DIR): python scripts/build_default_corpus.py
 #   --full .devdata/corpus_v1 --max-train-tokens 8000000. Extra arguments go to table3.py
-#   (e.g. --arm-steps 12,12 to fix the arm steps instead of sizing them to the budget).
-# Exit status: table3.py's (0 complete, 3 partial, 2 refused, 1 error); the table is printed.
+#   (--arm-steps W,S fixes the arm steps instead of sizing them to the budget; --arms, --seeds
+#   select jobs; --overwrite is passed here, and with --reuse-base it keeps the base).
+# Exit status: table3.py's (0 complete or base only, 3 partial, 2 refused, 1 error).
 set -u
 OUT=${1:-${OUT:-outputs/table3}}
 shift $(($# > 0 ? 1 : 0))
