@@ -186,7 +186,9 @@ def test_the_base_is_asked_to_stop_at_its_deadline_and_may_save(
 
     def launch(name: str, experiment: str, overrides: list[str]):
         f = open(tmp_path / f"{name}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-c", TRAPS_SIGTERM, str(saved)], stdout=f)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", TRAPS_SIGTERM, str(saved)], stdout=f, start_new_session=True
+        )
         proto.launched.append(proc)
         return proc, f
 
