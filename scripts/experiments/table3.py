@@ -338,10 +338,12 @@ class Protocol:
                 self.ledger.note(f"--reuse-base: {why}: training the base in this call")
             else:
                 self.ledger.note(f"--reuse-base: {why}: resuming it from its checkpoint")
+                return self.run_base(marker["run"].get("wall_s") or 0.0)
         return self.run_base()
 
-    def run_base(self) -> bool:
-        """Train the base; at its deadline (``plan.base_deadline_s``) ask it to stop (it saves)."""
+    def run_base(self, earlier_wall_s: float = 0.0) -> bool:
+        """Train the base; at its deadline (``plan.base_deadline_s``) ask it to stop (it saves).
+        ``earlier_wall_s``: the wall time of the calls it resumes (its overhead estimate)."""
         plan = self.plan
         p = self.ledger.phase("base", plan.base_deadline_s - self.ledger.now())
         steps = sum(self.ledger.results["base_steps"])
@@ -351,7 +353,7 @@ class Protocol:
             seed=None,
             status="running",
             steps_total=steps,
-            _t0=self.ledger.now(),
+            _t0=self.ledger.now() - earlier_wall_s,
         )
         overrides = list(plan.all_base_overrides)
         proc, logfile = self.launcher.launch(BASE_NAME, "table3_base", overrides)

@@ -258,6 +258,11 @@ class Analysis:
         if self.base_done():
             return
         hf = self.work / "hf" / base_name
+        # What an earlier call left of an analysis it did not finish: the tools refuse (or
+        # resume) an output directory of another run, and this checkpoint may be another one.
+        stale = [hf, *([] if "reference" in cached else [self.work / "eval" / base_name])]
+        for path in [*stale, *([] if "search" in cached else [self.work / "search"])]:
+            shutil.rmtree(path, ignore_errors=True)
 
         def export() -> None:
             try:

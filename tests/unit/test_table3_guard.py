@@ -212,7 +212,7 @@ def test_reuse_base_decides_from_the_marker(tmp_path: Path, monkeypatch, state: 
     proto.base_inputs = {"base_steps": [4, 2]}
     proto.base_fp = table3_base.fingerprint(proto.base_inputs)
     trained: list[bool] = []
-    monkeypatch.setattr(proto, "run_base", lambda: trained.append(True) or True)
+    monkeypatch.setattr(proto, "run_base", lambda *wall: trained.append(wall) or True)
     run = {"status": "done", "steps_done": 6, "steps_total": 6, "wall_s": 20.0}
     if state != "missing":
         fp = proto.base_fp if state != "other" else "0" * 16
@@ -227,8 +227,33 @@ def test_reuse_base_decides_from_the_marker(tmp_path: Path, monkeypatch, state: 
         assert proto.runs["base"]["wall_s"] == 20.0 and "reused" in proto.runs["base"]["reason"]
         assert proto.ledger.results["phases"][-1]["status"] == "reused"
     else:
-        assert trained == [True]
+        assert trained == [(20.0,) if state == "stopped" else ()]  # a resume counts its wall
         assert ("resuming" in note) == (state == "stopped")
         assert (proto.work / "base.json").exists() == (state == "stopped")  # else discarded
     if state == "other":
         assert "differs in: base_steps" in note
+
+
+@pytest.mark.parametrize("cached", [{}, {"search": {"pattern": "FSFSSSSS"}}])
+def test_base_analysis_recomputes_what_the_cache_lacks_on_clean_outputs(
+    tmp_path: Path, monkeypatch, cached: dict
+) -> None:
+    """An earlier call's outputs of an analysis it did not finish are removed before it is run
+    again (the tools refuse, or resume, another run's output directory); cached parts stay."""
+    import table3_base
+
+    proto = _protocol(tmp_path, monkeypatch, Speeds(1, 1, 0))
+    proto.analysis.search_state, proto.analysis.search_pattern = "pending", None
+    work = proto.work
+    for d in ("hf/base", "search", "eval/base"):
+        (work / d).mkdir(parents=True)
+        (work / d / "old.json").write_text("{}")
+    if cached:
+        table3_base.update_analysis(work, "fp", 5, **cached)
+    tasks: list[str] = []
+    monkeypatch.setattr(proto.analysis.pool, "submit", lambda w, p, label, fn: tasks.append(label))
+    proto.analysis.start_base(work / "ckpt/step_00000005", "base", "fp")
+    assert tasks == ["export base"]
+    assert not (work / "hf/base").exists() and not (work / "eval/base").exists()
+    assert (work / "search").exists() == bool(cached)
+    assert proto.analysis.search_state == ("done" if cached else "pending")
