@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from _common import GIB, OOM, REPO, free, git_rev
+from _common import GIB, OOM, REPO, free, git_rev, oom_line
 
 #: IndexCache schedules (config overrides). freq 4 / offset 1 = FSSS..., a quarter Full.
 SCHEDULES: dict[str, list[str]] = {
@@ -289,7 +289,8 @@ def attempt(fn: Callable[[], dict], keep_going: bool = False) -> dict | str:
     not cost the others."""
     try:
         return fn()
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as e:
+        print(oom_line(e), flush=True)
         free()
         return OOM
     except Exception as e:

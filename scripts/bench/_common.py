@@ -68,10 +68,25 @@ def attempt(fn: Callable[[], object]) -> object:
     """``fn()`` or the string ``"OOM"`` when the GPU runs out of memory (then frees the cache)."""
     try:
         return fn()
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as e:
+        print(oom_line(e), flush=True)
         gc.collect()
         torch.cuda.empty_cache()
         return OOM
+
+
+def oom_line(e: BaseException) -> str:
+    """The allocator's own account of an OOM (``Tried to allocate ...; ... reserved but
+    unallocated``) and the innermost frame of this repo or Megatron that asked: a bare "OOM"
+    cannot tell a too-large request from fragmentation."""
+    import traceback
+
+    where = "?"
+    for fs in traceback.extract_tb(e.__traceback__):
+        if "indexcache_train" in fs.filename or "megatron" in fs.filename:
+            where = f"{fs.filename.rsplit('/', 2)[-2]}/{fs.filename.rsplit('/', 1)[-1]}:{fs.lineno} {fs.name}"
+    text = " ".join(str(e).split())
+    return f"OOM at {where}: {text[:400]}"
 
 
 def free() -> None:

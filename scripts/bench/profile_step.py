@@ -246,6 +246,7 @@ def peak_allocations(trace: list[dict], top: int = 15) -> dict:
     used = peak = 0
     at_peak: dict[int, dict] = {}
     oom = False
+    request: dict | None = None  # the allocation that failed (an OOM's size and origin)
     for ev in trace:
         action = ev.get("action")
         if action == "alloc":
@@ -257,6 +258,10 @@ def peak_allocations(trace: list[dict], top: int = 15) -> dict:
             used -= live.pop(ev["addr"])["size"]
         elif action == "oom":
             oom, at_peak, peak = True, dict(live), used
+            request = {
+                "gib": ev.get("size", 0) / _cells.GIB,
+                "origin": _origin(ev.get("frames", [])),
+            }
             break
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for ev in at_peak.values():
@@ -267,6 +272,7 @@ def peak_allocations(trace: list[dict], top: int = 15) -> dict:
     return {
         "peak_gib": peak / _cells.GIB,
         "oom": oom,
+        "request": request,
         "live_at_peak": len(at_peak),
         "by_origin": [
             {"origin": o, "gib": s / _cells.GIB, "count": n}
@@ -289,23 +295,37 @@ def _origin(frames: list[dict]) -> str:
 
 
 def render_memory(title: str, m: dict) -> str:
-    head = f"### {title}: {'OOM at' if m['oom'] else 'peak'} {m['peak_gib']:.2f} GiB allocated\n\n"
+    head = f"### {title}: {'OOM at' if m['oom'] else 'peak'} {m['peak_gib']:.2f} GiB allocated"
+    # The trace starts with the step: what was allocated before it (weights, gradients, the
+    # optimizer's state) is not in the replay's total.
+    if m.get("static_gib") is not None:
+        head += f" in the step, on top of {m['static_gib']:.2f} GiB held before it"
+    if m.get("request"):
+        head += f"; the failed request: {m['request']['gib']:.2f} GiB at {m['request']['origin']}"
+    if m.get("error"):
+        head += f"; the step raised {m['error']}"
+    head += "\n\n"
     rows = [[o["origin"][:100], o["gib"], o["count"]] for o in m["by_origin"]]
     return head + table(["live at the peak, by origin", "GiB", "tensors"], rows)
 
 
 def _memory_step(built: _cells.Built) -> dict:
     # Python frames only: symbolising C++ stacks of ~1e5 allocations takes minutes.
+    _cells.free()
+    static = torch.cuda.memory_allocated(built.device) / _cells.GIB
+    error = None
     torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
     try:
         try:
             built.step()
-        except torch.OutOfMemoryError:
-            pass
+        except Exception as e:  # an OOM inside a recompute hook arrives as SystemError
+            error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            print(f"memory step: {error}", flush=True)
         snap = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    return peak_allocations(snap["device_traces"][built.device.index or 0])
+    out = peak_allocations(snap["device_traces"][built.device.index or 0])
+    return {**out, "static_gib": static, "error": error}
 
 
 # ---------------------------------------------------------------------- driver

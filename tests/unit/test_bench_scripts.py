@@ -11,6 +11,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 sys.path.insert(0, str(BENCH))
@@ -110,8 +111,28 @@ def test_peak_allocations_replays_the_trace() -> None:
     assert (m["peak_gib"], m["oom"], m["live_at_peak"]) == (6.0, False, 2)
     assert m["by_origin"] == [{"origin": "b.py:1 b", "gib": 6.0, "count": 2}]
     assert [a["gib"] for a in m["largest"]] == [4.0, 2.0]
-    oom = profile_step.peak_allocations([*trace[:2], {"action": "oom", "size": 9 * gib}])
+    oom = profile_step.peak_allocations(
+        [*trace[:2], {"action": "oom", "size": 9 * gib, "frames": _frame("c")}]
+    )
     assert (oom["peak_gib"], oom["oom"], oom["live_at_peak"]) == (3.0, True, 2)
+    assert oom["request"] == {"gib": 9.0, "origin": "c.py:1 c"}  # what failed, not only what lived
+    text = profile_step.render_memory("cell", {**oom, "static_gib": 40.0, "error": None})
+    assert "OOM at 3.00 GiB allocated in the step, on top of 40.00 GiB" in text
+    assert "the failed request: 9.00 GiB at c.py:1 c" in text
+
+
+def test_oom_line_names_the_request_and_the_frame() -> None:
+    """An OOM is reported with the allocator's message and the innermost repo frame."""
+    import _common
+
+    def indexcache_train_frame():  # a function whose file path holds no repo name: skipped
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB.")
+
+    try:
+        indexcache_train_frame()
+    except torch.OutOfMemoryError as e:
+        line = _common.oom_line(e)
+    assert line.startswith("OOM at ?: CUDA out of memory. Tried to allocate 64.00 GiB")
 
 
 def test_gpu_profile_counts_each_kernel_once() -> None:
