@@ -9,15 +9,13 @@
 #            128K by kernel family (PROFILE_ARGS=--memory adds the allocator peak)
 #   moe      scripts/bench/bench_moe_experts.py: SequentialMLP vs grouped GEMMs, GLM-5 expert dims
 #   glm5_base  the glm5 stage on the package in $BASELINE (an unpacked older tree, e.g.
-#            `git archive 663449d | tar -x -C .baseline`), with this tree's FLOP model, into
+#            `git archive 663449d | tar -x -C .baseline`, data/ included: the old config
+#            validation loads data/default's tokenizer), with this tree's FLOP model, into
 #            $OUT/base: before/after from one call (not in the default set; ~150 s more)
 set -u
 OUT=${OUT:-outputs/perf}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# shellcheck source=scripts/bench/_stage.sh
-source "$(dirname "$0")/_stage.sh"
 # Extra options per stage, split on spaces: GLM5_ARGS, PROFILE_ARGS, MOE_ARGS.
 read -r -a glm5_args <<< "${GLM5_ARGS:-}"
 read -r -a profile_args <<< "${PROFILE_ARGS:-}"
@@ -31,10 +29,19 @@ for stage in "${stages[@]}"; do  # refuse a typo before any stage runs
       [ -f "${BASELINE:-}/indexcache_train/__init__.py" ] || {
         echo "glm5_base: set BASELINE to an unpacked older tree (no indexcache_train in '${BASELINE:-}')"
         exit 2
+      }
+      # The old config validation loads the bundled tokenizer: a tree unpacked without data/
+      # fails only after the device call has started.
+      [ -f "$BASELINE/data/default/gpt2.tiktoken" ] || {
+        echo "glm5_base: $BASELINE has no data/default/gpt2.tiktoken (the old config validation loads it): unpack the whole tree, e.g. git archive 663449d | tar -x -C $BASELINE"
+        exit 2
       } ;;
     *) echo "unknown stage $stage (glm5, glm5_base, profile, moe)"; exit 2 ;;
   esac
 done
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# shellcheck source=scripts/bench/_stage.sh
+source "$(dirname "$0")/_stage.sh"
 for stage in "${stages[@]}"; do
   case $stage in
     glm5)

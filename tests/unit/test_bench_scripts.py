@@ -205,3 +205,44 @@ def test_smoke_runs_every_script_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
     case = json.loads((tmp_path / "moe_experts.json").read_text())["cases"][0]
     assert case["rows"] == 64 * 4  # top-8 over 4 experts: every token to all 4
     assert case["rel_diff"] < 1e-2  # GroupedExperts computes what SequentialMLP does
+
+
+@pytest.mark.parametrize(
+    ("stage", "tree", "message"),
+    [
+        ("glm5_bas", None, "unknown stage glm5_bas"),
+        ("glm5_base", "empty", "no indexcache_train in"),
+        ("glm5_base", "no_data", "has no data/default/gpt2.tiktoken"),
+    ],
+)
+def test_device_perf_refuses_bad_stages_before_any_work(tmp_path, stage, tree, message) -> None:
+    """A typo or an incomplete baseline tree is refused before the device does anything (the
+    first GPU run lost its before/after to a baseline unpacked without data/)."""
+    import os
+    import subprocess
+
+    base = tmp_path / "baseline"
+    if tree == "no_data":
+        (base / "indexcache_train").mkdir(parents=True)
+        (base / "indexcache_train" / "__init__.py").write_text("")
+    bin_dir = tmp_path / "bin"  # a stand-in nvidia-smi that records being called
+    bin_dir.mkdir()
+    called = tmp_path / "called"
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\ntouch {called}\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "OUT": str(tmp_path / "out"),
+        "BASELINE": str(base),
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "device_perf.sh"), "glm5", stage],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stdout
+    assert not called.exists()  # refused before touching the device
