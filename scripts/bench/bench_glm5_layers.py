@@ -6,6 +6,8 @@ routing), 16 query heads (one TP-4 rank's share of 64), 4 MoE layers, vocab 5030
 many local experts as fit: a planner (``plan``) sizes them from memory (parameters x 18 B for bf16
 weights, fp32 gradients, fp32 main weights and Adam moments; activations at the sequence length
 under full recompute; printed with the measured peak and the count the measurement would allow).
+The estimate has no measured margin, so with ``--experts auto`` an OOM re-runs the whole length
+with ~1/4 fewer experts (twice at most): every cell of a length runs at one count.
 Every token is routed (top-8 over all S tokens); at 128K that is ~1M routed rows, more than one
 GPU holds, so the default routes top-2 there (a TP-4 rank's S/4 tokens x 8 rows) and says so.
 
@@ -182,33 +184,64 @@ def run(args: argparse.Namespace) -> dict:
     out: dict = {"device": device_line(), "package": _cells.package_line(), "cells": {}}
     out["plans"] = {}
     print(out["device"], "|", out["package"], flush=True)
-    t_start = time.perf_counter()
-    profiled = set(args.profile.split(",")) if args.profile else set()
+    deadline = time.perf_counter() + args.budget_s
     for seq in [int(s) for s in args.seqs.split(",")]:
         topk = topk_for(args.topk, seq)
         p = plan(args, seq, topk, budget)
-        experts = int(args.experts) if args.experts != "auto" else p.experts
-        out["plans"][seq] = {**asdict(p), "experts_used": experts}
-        print(_plan_line(p, experts), flush=True)
-        base = base_overrides(args, experts, topk)
-        timed = args.long_steps if seq >= LONG else args.steps
-        oom_sparse = False
-        for stage in args.stages.split(","):
-            for schedule in args.schedules.split(","):
-                cell = _cells.Cell(schedule, stage, seq)
-                if time.perf_counter() - t_start > args.budget_s:
-                    res: dict | str = f"skipped (past --budget-s {args.budget_s:.0f})"
-                elif stage == "sparse" and oom_sparse:
-                    res = "skipped (a smaller sparse cell at this length ran out of memory)"
-                else:
-                    res = run_cell(base, cell, device, flops, 1, timed, cell.name in profiled)
-                    oom_sparse |= stage == "sparse" and res == OOM
-                if isinstance(res, dict):
-                    res.update(experts=experts, topk=topk, layers=args.layers)
-                out["cells"][cell.name] = res
-                print(cell.name, _short(res), flush=True)
-                write_json(Path(args.out) / "glm5_layers.json", out)
+        auto = args.experts == "auto"
+        experts = p.experts if auto else int(args.experts)
+        tried: list[int] = []
+        while True:
+            print(_plan_line(p, experts), flush=True)
+            tried.append(experts)
+            out["plans"][seq] = {**asdict(p), "experts_used": experts, "experts_tried": tried}
+            # The planner's activation estimate has no measured margin: with auto experts an OOM
+            # backs off and re-runs the length, so freq 4 and all-Full compare at one count.
+            fewer = backoff(experts, topk)
+            retry = auto and p.fits and fewer is not None and len(tried) <= BACKOFFS
+            if not run_length(args, seq, topk, experts, (device, flops, deadline), out, retry):
+                break
+            if not retry:
+                break
+            print(f"@{seq}: OOM with {experts} local experts: again with {fewer}", flush=True)
+            experts = fewer
     return out
+
+
+#: --experts auto: re-runs of a length after an OOM, each with ~1/4 fewer local experts.
+BACKOFFS = 2
+
+
+def backoff(experts: int, topk: int) -> int | None:
+    """The next, smaller local expert count after an OOM (None: none left above top-k)."""
+    fewer = max(topk, experts - max(1, experts // 4))
+    return fewer if fewer < experts else None
+
+
+def run_length(args, seq, topk, experts, ctx, out, stop_on_oom: bool) -> bool:
+    """Every cell at one length with ``experts`` local experts into ``out["cells"]``; True when
+    one ran out of memory (``stop_on_oom``: the rest of the length is not run)."""
+    device, flops, deadline = ctx
+    base = base_overrides(args, experts, topk)
+    timed = args.long_steps if seq >= LONG else args.steps
+    profiled = set(args.profile.split(",")) if args.profile else set()
+    oom = False
+    for stage in args.stages.split(","):
+        for schedule in args.schedules.split(","):
+            cell = _cells.Cell(schedule, stage, seq)
+            if time.perf_counter() > deadline:
+                res: dict | str = f"skipped (past --budget-s {args.budget_s:.0f})"
+            elif oom and (stop_on_oom or stage == "sparse"):
+                res = "skipped (a cell at this length ran out of memory)"
+            else:
+                res = run_cell(base, cell, device, flops, 1, timed, cell.name in profiled)
+                oom |= res == OOM
+            if isinstance(res, dict):
+                res.update(experts=experts, topk=topk, layers=args.layers)
+            out["cells"][cell.name] = res
+            print(cell.name, _short(res), flush=True)
+            write_json(Path(args.out) / "glm5_layers.json", out)
+    return oom
 
 
 def _plan_line(p: Plan, used: int) -> str:

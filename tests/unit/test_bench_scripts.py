@@ -246,3 +246,67 @@ def test_device_perf_refuses_bad_stages_before_any_work(tmp_path, stage, tree, m
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stdout
     assert not called.exists()  # refused before touching the device
+
+
+def test_glm5_auto_experts_back_off_after_an_oom(tmp_path, monkeypatch) -> None:
+    """The planner has no measured margin (the H100 OOM'd at its 9 experts): with ``--experts
+    auto`` an OOM re-runs the whole length with fewer experts, so freq 4 and all-Full are
+    measured at one count; a fixed ``--experts`` is never changed."""
+    import re
+
+    plan = bench_glm5_layers.Plan(64, 2, 9, 1.0, 0.5, 1.0, 8.0, True)
+    monkeypatch.setattr(bench_glm5_layers, "plan", lambda *a: plan)
+    ran: list[tuple[str, int]] = []
+
+    def fake_cell(base, cell, *rest):
+        n = int(re.search(r"n_routed_experts\D+(\d+)", " ".join(base)).group(1))
+        ran.append((cell.name, n))
+        if n > 5:
+            return bench_glm5_layers.OOM
+        return {"step_s": 1.0, "tokens_per_s": 64.0, "tflops": 1.0, "mfu": 0.1, "peak_gib": 1.0}
+
+    monkeypatch.setattr(bench_glm5_layers, "run_cell", fake_cell)
+    monkeypatch.setattr(bench_glm5_layers._cells, "init_runtime", lambda base: torch.device("cpu"))
+    monkeypatch.setattr(bench_glm5_layers._cells, "load_flops", lambda: None)
+    parsed = bench_glm5_layers_args(["--smoke", "--profile", "", "--out", str(tmp_path)])
+    parsed.experts = "auto"  # --smoke's defaults fix the count; nothing is built here anyway
+    out = bench_glm5_layers.run(parsed)
+    assert out["plans"][64]["experts_tried"] == [9, 7, 6]  # 9 -> 7 -> 6: two back-offs, then stop
+    assert {n for _, n in ran} == {9, 7, 6}  # stops at the first OOM of each count
+    assert all(isinstance(c, str) for c in out["cells"].values())  # still OOM at 6: reported
+
+    ran.clear()
+    monkeypatch.setattr(
+        bench_glm5_layers,
+        "plan",
+        lambda *a: bench_glm5_layers.Plan(64, 2, 6, 1.0, 0.5, 1.0, 8.0, True),
+    )
+    out = bench_glm5_layers.run(parsed)
+    assert out["plans"][64]["experts_tried"] == [6, 5]
+    assert all(c["experts"] == 5 for c in out["cells"].values())  # every cell at one count
+    assert len(ran) == 1 + 4  # the OOM'd cell at 6, then the length again at 5
+
+    ran.clear()
+    parsed.experts = "8"
+    out = bench_glm5_layers.run(parsed)
+    assert out["plans"][64]["experts_tried"] == [8] and {n for _, n in ran} == {8}
+    assert len(ran) == 3  # the freq 4 sparse OOM skips only the other sparse cell
+
+
+def bench_glm5_layers_args(argv: list[str]):
+    """The script's parsed and checked arguments."""
+    import argparse
+
+    captured = {}
+
+    def fake_run(args: argparse.Namespace) -> dict:
+        captured["args"] = args
+        return {"device": "", "package": "", "cells": {}, "plans": {}}
+
+    real = bench_glm5_layers.run
+    bench_glm5_layers.run = fake_run
+    try:
+        bench_glm5_layers.main(argv)
+    finally:
+        bench_glm5_layers.run = real
+    return captured["args"]
