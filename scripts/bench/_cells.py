@@ -25,8 +25,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import _common
 import torch
-from _common import GIB, OOM, REPO, free, git_rev, oom_line
+from _common import GIB, REPO, free, git_rev
 
 #: IndexCache schedules (config overrides). freq 4 / offset 1 = FSSS..., a quarter Full.
 SCHEDULES: dict[str, list[str]] = {
@@ -288,11 +289,7 @@ def attempt(fn: Callable[[], dict], keep_going: bool = False) -> dict | str:
     becomes ``"ERROR: ..."`` (traceback printed), so one broken cell of an unattended run does
     not cost the others."""
     try:
-        return fn()
-    except torch.OutOfMemoryError as e:
-        print(oom_line(e), flush=True)
-        free()
-        return OOM
+        return _common.attempt(fn)  # type: ignore[return-value]
     except Exception as e:
         if not keep_going:
             raise

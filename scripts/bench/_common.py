@@ -70,9 +70,19 @@ def attempt(fn: Callable[[], object]) -> object:
         return fn()
     except torch.OutOfMemoryError as e:
         print(oom_line(e), flush=True)
-        gc.collect()
-        torch.cuda.empty_cache()
+        free()
         return OOM
+
+
+def repo_frame(frames: list[dict], none: str = "(no repo / Megatron frame)") -> str:
+    """``file:line function`` of the first frame of this repo or Megatron in ``frames``
+    (innermost first: ``{"filename", "line", "name"}``, as the allocator's trace records them)."""
+    for f in frames:
+        name = f.get("filename", "")
+        if "indexcache_train" in name or "megatron" in name or "scripts/bench" in name:
+            short = name.split("indexcache_train/")[-1].split("megatron/")[-1]
+            return f"{short}:{f.get('line')} {f.get('name')}"
+    return none
 
 
 def oom_line(e: BaseException) -> str:
@@ -81,12 +91,12 @@ def oom_line(e: BaseException) -> str:
     cannot tell a too-large request from fragmentation."""
     import traceback
 
-    where = "?"
-    for fs in traceback.extract_tb(e.__traceback__):
-        if "indexcache_train" in fs.filename or "megatron" in fs.filename:
-            where = f"{fs.filename.rsplit('/', 2)[-2]}/{fs.filename.rsplit('/', 1)[-1]}:{fs.lineno} {fs.name}"
+    frames = [
+        {"filename": fs.filename, "line": fs.lineno, "name": fs.name}
+        for fs in reversed(traceback.extract_tb(e.__traceback__))
+    ]
     text = " ".join(str(e).split())
-    return f"OOM at {where}: {text[:400]}"
+    return f"OOM at {repo_frame(frames, none='?')}: {text[:400]}"
 
 
 def free() -> None:

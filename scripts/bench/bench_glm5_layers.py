@@ -199,9 +199,8 @@ def run(args: argparse.Namespace) -> dict:
             # backs off and re-runs the length, so freq 4 and all-Full compare at one count.
             fewer = backoff(experts, topk)
             retry = auto and p.fits and fewer is not None and len(tried) <= BACKOFFS
-            if not run_length(args, seq, topk, experts, (device, flops, deadline), out, retry):
-                break
-            if not retry:
+            oom = run_length(args, seq, topk, experts, (device, flops, deadline), out, retry)
+            if not (oom and retry):
                 break
             print(f"@{seq}: OOM with {experts} local experts: again with {fewer}", flush=True)
             experts = fewer

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import _cells
 import torch
-from _common import OOM, device_line, table, write_json
+from _common import OOM, device_line, repo_frame, table, write_json
 
 #: Kernel families, first match wins (regexes on CUDA kernel names; the aten names cover the CPU
 #: smoke run). "MoE" is not here: it is decided by where a kernel was launched (``classify``).
@@ -260,12 +260,12 @@ def peak_allocations(trace: list[dict], top: int = 15) -> dict:
             oom, at_peak, peak = True, dict(live), used
             request = {
                 "gib": ev.get("size", 0) / _cells.GIB,
-                "origin": _origin(ev.get("frames", [])),
+                "origin": repo_frame(ev.get("frames", [])),
             }
             break
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for ev in at_peak.values():
-        g = groups[_origin(ev.get("frames", []))]
+        g = groups[repo_frame(ev.get("frames", []))]
         g[0] += ev["size"]
         g[1] += 1
     largest = sorted(at_peak.values(), key=lambda ev: -ev["size"])[:top]
@@ -279,19 +279,10 @@ def peak_allocations(trace: list[dict], top: int = 15) -> dict:
             for o, (s, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
         ],
         "largest": [
-            {"gib": ev["size"] / _cells.GIB, "origin": _origin(ev.get("frames", []))}
+            {"gib": ev["size"] / _cells.GIB, "origin": repo_frame(ev.get("frames", []))}
             for ev in largest
         ],
     }
-
-
-def _origin(frames: list[dict]) -> str:
-    for f in frames:
-        name = f.get("filename", "")
-        if "indexcache_train" in name or "megatron" in name or "scripts/bench" in name:
-            short = name.split("indexcache_train/")[-1].split("megatron/")[-1]
-            return f"{short}:{f.get('line')} {f.get('name')}"
-    return "(no repo / Megatron frame)"
 
 
 def render_memory(title: str, m: dict) -> str:

@@ -126,8 +126,9 @@ class Plan:
         """When a base still training is asked to stop (SIGTERM: it saves at the next step
         boundary and exits within ``stop_grace_s``): derived from the budget so that what
         follows it (the base's analysis, or the arms) keeps its reserve."""
-        after = self.analysis_deadline_s - self.base_reserve_s
-        if self.stop_after != "base":
+        if self.stop_after == "base":
+            after = self.analysis_deadline_s - self.base_reserve_s
+        else:
             after = self.arms_deadline_s
         return after - self.stop_grace_s
 
