@@ -776,7 +776,7 @@ def _dense_dk_kernel(
     r1 = tl.minimum(j1 * QB, rows) * NI
 
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    g_cols = g_ptr + b * stride_gb + offs_w[:, None]
+    g_cols = g_ptr + b * stride_gb + offs_w[None, :]
     for rs in range(r0, r1, BLOCK_R):
         offs_r = rs + tl.arange(0, BLOCK_R)
         r_ok = offs_r < r1
@@ -791,11 +791,13 @@ def _dense_dk_kernel(
             other=0.0,
         )
         w = tl.load(w_ptr + b * stride_wb + srow, mask=r_ok, other=0.0)
-        dots_t = mma(kt, tl.trans(q), INTERP)  # [BLOCK_N, BLOCK_R]
-        valid_t = (t[:, None] >= ks[None, :]) & (t[:, None] <= qi[None, :]) & t_ok[:, None]
-        g_t = tl.load(g_cols + s_loc.to(tl.int64)[None, :] * stride_gs, mask=valid_t, other=0.0)
-        dd_t = cast(tl.where(dots_t > 0.0, g_t * w[None, :], 0.0), q.dtype, INTERP)
-        dk += mma(dd_t, q, INTERP)
+        # Rows x keys, as in _dense_dq_kernel: the g tile is read along g's rows (keys are
+        # contiguous in memory), where a keys x rows tile strides across rows in its fast dim.
+        dots = mma(q, tl.trans(kt), INTERP)  # [BLOCK_R, BLOCK_N]
+        valid = (t[None, :] >= ks[:, None]) & (t[None, :] <= qi[:, None]) & t_ok[None, :]
+        g = tl.load(g_cols + s_loc.to(tl.int64)[:, None] * stride_gs, mask=valid, other=0.0)
+        dd = cast(tl.where(dots > 0.0, g * w[:, None], 0.0), q.dtype, INTERP)
+        dk += mma(tl.trans(dd), q, INTERP)
     if r1 > r0:
         tl.atomic_add(
             dk_ptr + b * stride_dkb + t.to(tl.int64)[:, None] * D + offs_d[None, :],
