@@ -210,6 +210,10 @@ def _check_lengths(cfg: TrainConfig, model: Any) -> None:
         f"change nothing; use model.seq_length > {model.index_topk} or lower "
         "model.overrides.index_topk",
     )
+    try:
+        cfg.data.check_repeat_fits(s)
+    except ValueError as e:  # DataConfigError; as a ConfigError like every check here
+        raise ConfigError(str(e)) from None
 
 
 def _check_sharing(cfg: TrainConfig, model: Any) -> None:

@@ -7,6 +7,7 @@ Modules (one concern each):
   * ``config``: :class:`DataConfig`, the typed schema of the ``data`` config group.
   * ``checks``: :func:`check_data_sources`, every ``.bin/.idx`` whole and every split non-empty.
   * ``builder``: :func:`build_datasets` through Megatron's ``BlendedMegatronDatasetBuilder``.
+  * ``repeat_spans``: :class:`RepeatSpans`, the opt-in repeated-spans training augmentation.
   * ``loader``: :func:`build_dataloader`, deterministic and resumable from ``consumed_samples``.
 
 Names are re-exported lazily: importing ``indexcache_train.data.tokenizer`` (preprocessing
@@ -28,6 +29,7 @@ _EXPORTS = {
     "TokenizerError": "tokenizer",
     "load_tokenizer": "tokenizer",
     "build_datasets": "builder",
+    "RepeatSpans": "repeat_spans",
     "check_data_sources": "checks",
     "build_dataloader": "loader",
     "MicroBatchSampler": "loader",

@@ -33,13 +33,15 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from indexcache_train.data.checks import check_data_sources
 from indexcache_train.data.config import DataConfig, DataConfigError, DataNotFoundError
+from indexcache_train.data.repeat_spans import RepeatSpans
 from indexcache_train.data.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = ["Dataset", "build_datasets", "default_cache_root", "parse_blend"]
 
 Blend = tuple[list[str], list[float] | None]
-#: What the builder returns per split: a GPTDataset, or a BlendedDataset over several.
-Dataset = GPTDataset | BlendedDataset
+#: What the builder returns per split: a GPTDataset, or a BlendedDataset over several; the
+#: training split wrapped in :class:`RepeatSpans` when ``repeat_fraction > 0``.
+Dataset = GPTDataset | BlendedDataset | RepeatSpans
 
 
 def _is_float(text: str) -> bool:
@@ -167,7 +169,9 @@ def build_datasets(
 
     Samples are dicts of ``tokens``, ``labels`` (int64, ``[seq_length]``), ``loss_mask``
     (float32) and ``position_ids`` (int64), as Megatron's ``GPTDataset`` produces them; a
-    weighted blend (a ``BlendedDataset``) adds ``dataset_id``, the index of the source.
+    weighted blend (a ``BlendedDataset``) adds ``dataset_id``, the index of the source. With
+    ``cfg.repeat_fraction > 0`` the training split (never the validation one) repeats spans
+    (:class:`~indexcache_train.data.repeat_spans.RepeatSpans`, seeded by the data seed).
 
     Args:
         cfg: The data config.
@@ -187,7 +191,7 @@ def build_datasets(
     Raises:
         DataConfigError: Bad data sources (missing, damaged, or too small for one sample: see
             :mod:`indexcache_train.data.checks`) or a ``cfg.seq_length`` that differs from
-            ``seq_length``.
+            ``seq_length``, or a ``cfg.repeat_span`` that does not fit twice in a sample.
         TokenizerError: The tokenizer does not load.
     """
     cfg.validate()
@@ -196,6 +200,7 @@ def build_datasets(
             f"data.seq_length={cfg.seq_length} differs from the model's seq_length={seq_length}; "
             "unset data.seq_length or make them equal"
         )
+    cfg.check_repeat_fits(seq_length)
     if train_samples < 1:
         raise DataConfigError(f"train_samples must be >= 1, got {train_samples}")
     check_data_sources(cfg, seq_length)
@@ -208,4 +213,13 @@ def build_datasets(
         cls, [train_samples, valid_samples, 0], is_built_on_rank or _every_rank, gpt_cfg
     )
     train_ds, valid_ds, _ = builder.build()
+    if cfg.repeat_fraction > 0 and train_ds is not None:
+        train_ds = RepeatSpans(
+            train_ds,
+            seq_length=seq_length,
+            seed=data_seed,
+            fraction=cfg.repeat_fraction,
+            span=cfg.repeat_span,
+            count=cfg.repeat_count,
+        )
     return train_ds, valid_ds

@@ -16,6 +16,7 @@ __all__ = [
     "DataConfig",
     "DataConfigError",
     "DataNotFoundError",
+    "check_repeat_span",
 ]
 
 #: The embedded default corpus (``scripts/build_default_corpus.py`` writes it).
@@ -28,6 +29,20 @@ _KINDS = ("indexed", "mock")
 
 class DataConfigError(ValueError):
     """Invalid data configuration; the message names the field and the fix."""
+
+
+def check_repeat_span(span: int, seq_length: int) -> None:
+    """Refuse a repeated span that cannot fit twice in a sample's ``seq_length + 1`` tokens.
+
+    Raises:
+        DataConfigError: ``2 * span > seq_length + 1``.
+    """
+    if 2 * span > seq_length + 1:
+        raise DataConfigError(
+            f"data.repeat_span={span} does not fit twice in a sample of seq_length={seq_length} "
+            f"(+1 label token); use data.repeat_span <= {(seq_length + 1) // 2} or "
+            "data.repeat_fraction=0"
+        )
 
 
 class DataNotFoundError(DataConfigError):
@@ -88,6 +103,17 @@ class DataConfig:
     (and top-k) never crosses a document boundary and RoPE positions restart at each document.
     False: Megatron's default, a sample is one causal sequence across documents."""
 
+    repeat_fraction: float = 0.0
+    """Fraction of *training* samples that get spans of their own tokens repeated later in the
+    sample (:mod:`indexcache_train.data.repeat_spans`), so long-range copying is learned in a
+    few hundred steps; validation is never augmented. 0: off."""
+
+    repeat_span: int = 64
+    """Tokens per repeated span (with ``repeat_fraction > 0``); at most ``(seq_length + 1) / 2``."""
+
+    repeat_count: int = 16
+    """Repeated spans per augmented sample (with ``repeat_fraction > 0``)."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -95,7 +121,8 @@ class DataConfig:
         """Check field combinations.
 
         Raises:
-            DataConfigError: An invalid kind or a conflicting set of data sources.
+            DataConfigError: An invalid kind, a conflicting set of data sources or a bad
+                ``repeat_*`` value.
         """
         if self.kind not in _KINDS:
             raise DataConfigError(f"data.kind must be one of {_KINDS}, got {self.kind!r}")
@@ -117,6 +144,28 @@ class DataConfig:
                 )
         if self.num_workers < 0:
             raise DataConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        self._validate_repeat()
+
+    def _validate_repeat(self) -> None:
+        if not 0.0 <= self.repeat_fraction <= 1.0:
+            raise DataConfigError(
+                f"data.repeat_fraction must be in [0, 1] (0: off), got {self.repeat_fraction}"
+            )
+        if self.repeat_span < 2:
+            raise DataConfigError(f"data.repeat_span must be >= 2 tokens, got {self.repeat_span}")
+        if self.repeat_count < 1:
+            raise DataConfigError(f"data.repeat_count must be >= 1, got {self.repeat_count}")
+        if self.repeat_fraction > 0 and self.pack_documents:
+            raise DataConfigError(
+                "data.repeat_fraction > 0 with data.pack_documents=true: a copy would cross "
+                "document boundaries, where positions restart and attention stops; set "
+                "data.repeat_fraction=0 or data.pack_documents=false"
+            )
+
+    def check_repeat_fits(self, seq_length: int) -> None:
+        """With ``repeat_fraction > 0``, :func:`check_repeat_span` for ``seq_length``."""
+        if self.repeat_fraction > 0:
+            check_repeat_span(self.repeat_span, seq_length)
 
     @property
     def uses_bundled_corpus(self) -> bool:

@@ -75,6 +75,17 @@ from table3_plan import (  # noqa: E402
 from table3_report import trainer_metrics, write_plots  # noqa: E402
 from table3_runtime import Launcher, Ledger, read_jsonl, tail, write_tarball  # noqa: E402
 
+#: Data fields that say where data lives or how it is read, not what the base trains on: left
+#: out of the base's fingerprint (paths differ between machines; the data's identity is hashed).
+_DATA_PLACES = (
+    "train_prefixes",
+    "valid_prefixes",
+    "prefix",
+    "tokenizer",
+    "cache_dir",
+    "num_workers",
+)
+
 OUTPUTS = (
     "results.json",
     "table.md",
@@ -236,6 +247,8 @@ class Protocol:
                 k: asdict(getattr(cfg, k))
                 for k in ("model", "indexcache", "distill", "recipe", "optim")
             },
+            # How samples are cut and augmented (repeat_*); the files are data_identity's.
+            "data": {k: v for k, v in asdict(cfg.data).items() if k not in _DATA_PLACES},
             **table3_base.data_identity(self._prefixes()),
         }
         self.base_fp = table3_base.fingerprint(self.base_inputs)

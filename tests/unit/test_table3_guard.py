@@ -257,3 +257,13 @@ def test_base_analysis_recomputes_what_the_cache_lacks_on_clean_outputs(
     assert not (work / "hf/base").exists() and not (work / "eval/base").exists()
     assert (work / "search").exists() == bool(cached)
     assert proto.analysis.search_state == ("done" if cached else "pending")
+
+
+def test_the_base_fingerprint_covers_the_repeated_spans(tmp_path: Path, monkeypatch) -> None:
+    """A base trained without (or with other) repeated spans is not reused: the data fields
+    that shape samples are hashed, the machine-specific paths are not."""
+    proto = _protocol(tmp_path, monkeypatch, Speeds(0.001, 0.001, 0.0))
+    proto._check_configs()
+    data = proto.base_inputs["data"]
+    assert (data["repeat_fraction"], data["repeat_span"], data["repeat_count"]) == (0.5, 8, 16)
+    assert "train_prefixes" not in data and "num_workers" not in data

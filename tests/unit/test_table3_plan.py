@@ -79,6 +79,21 @@ def test_overrides_compose_and_validate(monkeypatch) -> None:
     assert got["d"][2][0].lr == SPARSE["lr"] and got["d"][2][0].warmup_steps == 2
 
 
+def test_base_and_arms_train_on_repeated_spans() -> None:
+    """The base must learn copying for the copy probe to rank the arms: table3_base repeats
+    spans in half the training samples and the arms inherit it; the smoke's 129-token samples
+    take spans of 8."""
+    from indexcache_train.config.compose import compose
+    from indexcache_train.config.validate import validate
+
+    for experiment in ("table3_base", "table3_arm"):
+        data = compose([f"+experiment={experiment}"]).data
+        assert (data.repeat_fraction, data.repeat_span, data.repeat_count) == (0.5, 64, 16)
+        cfg = compose([f"+experiment={experiment}", *smoke_plan().common])
+        assert (cfg.data.repeat_fraction, cfg.data.repeat_span) == (0.5, 8)
+        validate(cfg, 1)
+
+
 def test_eval_interval_hits_the_warmup_end_and_the_sparse_stage() -> None:
     assert eval_interval(12, 12, 2) == 6  # evals at 6, 12 (warm-up end), 18, 24
     assert eval_interval(0, 12, 2) == 6
