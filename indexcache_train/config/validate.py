@@ -246,15 +246,16 @@ def _check_kernel_backend(cfg: TrainConfig, model: Any) -> None:
         qk_head_dim=model.qk_head_dim,
         v_head_dim=model.v_head_dim,
         attention=frozenset(st.attention for st in cfg.recipe.stages),
+        dtype="bfloat16" if cfg.optim.bf16 else "float32",
     )
     bad = backends.model_declines(m.kernel_backend, facts)
     _require(
         not bad,
         f"model.kernel_backend={m.kernel_backend} but its kernels cannot run this model: "
         + "; ".join(bad)
-        + ". Use model.kernel_backend=auto (PyTorch where no kernel applies) or a model the "
-        "kernels take (every real GLM-5 / DeepSeek-V3.2 size does, at any "
-        "tensor-parallel size).",
+        + ". Use model.kernel_backend=auto (PyTorch where no kernel applies), or a bf16 "
+        "model (optim.bf16=true) of dims the kernels take (every real GLM-5 / DeepSeek-V3.2 "
+        "size does, at any tensor-parallel size).",
     )
 
 

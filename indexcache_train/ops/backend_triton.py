@@ -1,7 +1,7 @@
 """The ``triton`` kernel backend: one hook per operator over our Triton kernels (and cuDNN SDPA).
 
 Every hook declines (:class:`~indexcache_train.ops.backends.Declined`) before any compute when
-the inputs are not on CUDA, when the kernel does not take the head dims
+the inputs are not on CUDA or not bf16, when the kernel does not take the head dims
 (:mod:`~indexcache_train.ops.kernel_dims`) or when Triton cannot be imported;
 :func:`model_declines` applies the same rules to a model config. The kernel modules are imported inside the hooks, so this module (and config validation)
 needs neither torch nor Triton at import.
@@ -55,10 +55,10 @@ def triton_missing() -> str | None:
 
 
 def _why_not(x: torch.Tensor, dims_reason: str | None) -> Declined | None:
-    """The first reason, in the order cheapest to check: device, head dims, Triton."""
+    """The first reason, in the order cheapest to check: device, dtype, head dims, Triton."""
     if not x.is_cuda:
         return Declined(f"inputs are on {x.device}; the kernels run on CUDA")
-    reason = dims_reason or triton_missing()
+    reason = kernel_dims.dtype_reason(str(x.dtype)) or dims_reason or triton_missing()
     return Declined(reason) if reason else None
 
 
@@ -192,7 +192,10 @@ def model_declines(facts: ModelFacts) -> list[str]:
     Triton kernel does not.
     """
     absorbed = facts.kv_lora_rank + facts.qk_rope_head_dim
-    reasons = [kernel_dims.indexer_dims(facts.index_head_dim)]
+    reasons = [
+        kernel_dims.dtype_reason(facts.dtype),
+        kernel_dims.indexer_dims(facts.index_head_dim),
+    ]
     if "sparse" in facts.attention:
         reasons += [
             kernel_dims.sparse_mla_dims(absorbed, facts.kv_lora_rank),

@@ -72,6 +72,7 @@ class ModelFacts:
     qk_head_dim: int
     v_head_dim: int
     attention: frozenset[str]  # the recipe's stage forms: "dense" (warm-up) / "sparse"
+    dtype: str = "bfloat16"  # the activations' dtype: "bfloat16" (optim.bf16) or "float32"
 
 
 class KernelUnavailableError(RuntimeError):

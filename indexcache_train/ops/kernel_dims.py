@@ -1,4 +1,5 @@
-"""Which head dims the Triton kernels take: one place for the rules, no Triton import.
+"""Which head dims (and input dtype) the Triton kernels take: one place for the rules, no
+Triton import.
 
 Triton block shapes are powers of two and tensor-core tiles want >= 16 elements per dim, so each
 kernel takes only some head dims (MLA's real ones all fit: 576 = 512 + 64, 192 = 128 + 64, 128).
@@ -76,3 +77,20 @@ def distill_dims(attn_qk_dim: int, idx_head_dim: int, idx_scale: float) -> str |
     if idx_scale <= 0:
         return "the distillation kernels fold the indexer scale into relu(): it must be > 0"
     return indexer_dims(idx_head_dim) or _two_tiles(attn_qk_dim, "attention qk dim")
+
+
+#: The activation dtype the kernels are built, tuned and GPU-tested for. Their tiles are sized
+#: for 2-byte elements (fp32 inputs overflowed shared memory: 250 KB asked, 227 KB on an H100,
+#: in #24's fp32 evaluation), and ``tl.dot`` on fp32 would run TF32, not the fp32 an fp32 run
+#: asks for: float32 runs the PyTorch reference.
+KERNEL_DTYPE = "bfloat16"
+
+
+def dtype_reason(dtype_name: str) -> str | None:
+    """``None`` for bf16 inputs; else why the kernels decline (``dtype_name``: e.g. ``float32``)."""
+    if dtype_name.removeprefix("torch.") == KERNEL_DTYPE:
+        return None
+    return (
+        f"inputs are {dtype_name.removeprefix('torch.')}; the Triton kernels take {KERNEL_DTYPE} "
+        "(float32 runs the PyTorch reference: exact fp32, no TF32)"
+    )

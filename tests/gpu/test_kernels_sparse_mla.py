@@ -127,3 +127,22 @@ def _check_rank_heads(name: str, mode: str, deterministic: bool, monkeypatch) ->
     assert r["lse_inf_ok"] == 1.0
     for n in ("out", "lse", "dq", "dkv"):
         assert r[n] <= 2 * r[n + "_bf16"], (n, r)
+
+
+def test_float32_inputs_run_the_reference() -> None:
+    """fp32 inputs (e.g. ``tools eval --dtype float32``, the HF check's precision floor): under
+    ``auto`` the exact fp32 reference runs (the kernels' bf16-sized tiles overflowed shared
+    memory in fp32 and ``tl.dot`` would run TF32); a named ``triton`` refuses with the reason."""
+    from indexcache_train.ops.backends import KernelUnavailableError
+
+    torch.manual_seed(0)
+    B, S, H, D, V, K = 1, 512, 16, 576, 512, 64
+    q = torch.randn(B, S, H, D, device=DEV)
+    kv = torch.randn(B, S, D, device=DEV)
+    idx = correlated_topk_indices(B, S, K, 0.5, 4, DEV)
+    args = dict(q_BSHD=q, kv_BTD=kv, topk_BSK=idx, softmax_scale=D**-0.5, v_dim=V)
+    out, lse = api.sparse_mla(**args, backend="auto")
+    ref_out, ref_lse = api.sparse_mla(**args, backend="torch")
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    with pytest.raises(KernelUnavailableError, match="inputs are float32"):
+        api.sparse_mla(**args, backend="triton")

@@ -195,7 +195,9 @@ def test_triton_hooks_decline_without_triton(monkeypatch) -> None:
     monkeypatch.delitem(sys.modules, "indexcache_train.ops.triton_common", raising=False)
     bt.triton_missing.cache_clear()
     try:
-        q = SimpleNamespace(is_cuda=True, device="cuda:0", shape=(1, 8, 2, 576))
+        q = SimpleNamespace(
+            is_cuda=True, device="cuda:0", dtype="torch.bfloat16", shape=(1, 8, 2, 576)
+        )
         out = bt.sparse_mla(q_BSHD=q, kv_BTD=None, topk_BSK=None, softmax_scale=1.0, v_dim=512)
     finally:
         bt.triton_missing.cache_clear()

@@ -23,10 +23,10 @@ from indexcache_train.ops.backends import Declined
 pytestmark = pytest.mark.unit
 
 
-def _cuda_like(*shape: int) -> SimpleNamespace:
-    """A stand-in CUDA tensor: the hooks read only ``is_cuda``, ``device`` and ``shape`` before
-    they decline (no GPU here)."""
-    return SimpleNamespace(is_cuda=True, device="cuda:0", shape=shape)
+def _cuda_like(*shape: int, dtype: str = "torch.bfloat16") -> SimpleNamespace:
+    """A stand-in CUDA tensor: the hooks read only ``is_cuda``, ``device``, ``dtype`` and
+    ``shape`` before they decline (no GPU here)."""
+    return SimpleNamespace(is_cuda=True, device="cuda:0", dtype=dtype, shape=shape)
 
 
 def _dims_reasons(m: ModelConfig) -> list[str | None]:
@@ -82,6 +82,32 @@ def test_triton_hooks_decline_dims_no_kernel_takes() -> None:
     cpu = SimpleNamespace(is_cuda=False, device="cpu", shape=(1, 8, 2, 576))
     out = bt.sparse_mla(q_BSHD=cpu, kv_BTD=None, topk_BSK=None, softmax_scale=1.0, v_dim=512)
     assert isinstance(out, Declined) and "inputs are on cpu" in out.reason
+
+
+def test_triton_hooks_decline_float32_before_the_dims() -> None:
+    # fp32 tiles overflowed shared memory on an H100 (#24's fp32 evaluation) and tl.dot would
+    # run them in TF32: the hooks decline, so auto runs the exact fp32 reference.
+    assert kd.dtype_reason("torch.bfloat16") is None
+    assert "float16; the Triton kernels take bfloat16" in kd.dtype_reason("torch.float16")
+    out = bt.sparse_mla(
+        q_BSHD=_cuda_like(1, 8, 2, 576, dtype="torch.float32"), kv_BTD=None, topk_BSK=None,
+        softmax_scale=1.0, v_dim=512,
+    )  # fmt: skip
+    assert isinstance(out, Declined) and "inputs are float32" in out.reason
+    out = bt.dense_distill(
+        attn_q_BSHD=_cuda_like(1, 8, 2, 192, dtype="torch.float32"), attn_k_BTHD=None,
+        attn_lse_BSH=None, key_range=None, attn_scale=1.0,
+        idx_q_BSID=_cuda_like(1, 8, 2, 128, dtype="torch.float32"), idx_k_BTD=None,
+        idx_w_BSI=None, idx_scale=1.0, split=None,
+    )  # fmt: skip
+    assert isinstance(out, Declined) and "inputs are float32" in out.reason
+
+
+def test_validation_refuses_triton_for_a_float32_model() -> None:
+    cfg = compose(["+experiment=toy_gpu", "model.kernel_backend=triton", "optim.bf16=false"])
+    with pytest.raises(ConfigError, match=r"kernel_backend=triton.*inputs are float32"):
+        validate(cfg, 1)
+    validate(compose(["+experiment=toy_gpu", "optim.bf16=false"]), 1)  # auto: the reference
 
 
 def test_validation_refuses_triton_for_dims_no_kernel_takes() -> None:
