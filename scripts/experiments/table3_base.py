@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from table3_runtime import write_atomic
+from indexcache_train.tools.model_io import write_atomic
 
 MARKER = "base.json"
 ANALYSIS = "base_analysis.json"

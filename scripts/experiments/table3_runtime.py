@@ -27,14 +27,9 @@ from typing import Any, TextIO
 
 from table3_report import render_markdown, summarize
 
+from indexcache_train.tools.model_io import write_atomic
+
 log = logging.getLogger("table3")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name next to ``path``, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -101,8 +96,11 @@ class Ledger:
             self.results["summary"] = summarize(self.runs)
             doc = json.dumps(self.results, indent=1, default=str)
             table = render_markdown(self.results)
-        write_atomic(self.out / "results.json", (doc + "\n").encode())
-        write_atomic(self.out / "table.md", table.encode())
+            # Under the lock: snapshots come from the driver and the analysis workers, and the
+            # last one taken must be the last one written (#24's GPU run: two unlocked writers
+            # shared one temporary name and one rename failed).
+            write_atomic(self.out / "results.json", (doc + "\n").encode())
+            write_atomic(self.out / "table.md", table.encode())
 
 
 class Launcher:
