@@ -309,9 +309,14 @@ def add_cell_args(ap: argparse.ArgumentParser, schedules: str) -> None:
 
 
 def check_cell_args(
-    ap: argparse.ArgumentParser, args: argparse.Namespace, smoke_defaults: dict
+    ap: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    smoke_defaults: dict,
+    then: Callable[[], None] | None = None,
 ) -> None:
-    """Refuse bad input before any compute; ``--smoke`` replaces untouched defaults."""
+    """Refuse bad input before any compute; ``--smoke`` replaces untouched defaults. ``then``:
+    the script's own argument checks, run on the final values before the device check (an
+    inconsistent command is named as such, also on a machine without a GPU)."""
     for option, known in (("schedules", SCHEDULES), ("stages", STAGES)):
         for name in getattr(args, option).split(","):
             if name not in known:
@@ -320,5 +325,7 @@ def check_cell_args(
         for k, v in smoke_defaults.items():
             if getattr(args, k) == ap.get_default(k):
                 setattr(args, k, v)
-    elif not torch.cuda.is_available():
+    if then is not None:
+        then()
+    if not args.smoke and not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU, or pass --smoke for the CPU code path")

@@ -359,15 +359,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse bad input before any compute."""
-    _cells.check_cell_args(ap, args, SMOKE_DEFAULTS)
+
+    def own() -> None:
+        try:
+            topks = [topk_for(args.topk, int(s)) for s in args.seqs.split(",")]
+        except ValueError as e:
+            ap.error(f"--topk / --seqs: {e}")
+        if args.experts != "auto" and not args.experts.isdigit():
+            ap.error(f"--experts {args.experts!r}: a number or auto")
+        # A token routes to top-k distinct experts: fewer local experts fail inside the router's
+        # torch.topk at the first cell (the H100 run at --experts 6 with GLM-5's top-8).
+        if args.experts != "auto" and int(args.experts) < max(topks):
+            ap.error(
+                f"--experts {args.experts} is below the routed top-k {max(topks)} (--topk "
+                f"{args.topk}): use --experts >= {max(topks)}, or a smaller --topk"
+            )
+
+    _cells.check_cell_args(ap, args, SMOKE_DEFAULTS, then=own)
     if args.moe_grouped and not _cells.has_config_field("model", "moe_grouped_gemm"):
         ap.error("--moe-grouped: the imported package has no model.moe_grouped_gemm (older tree)")
-    try:
-        [topk_for(args.topk, int(s)) for s in args.seqs.split(",")]
-    except ValueError as e:
-        ap.error(f"--topk / --seqs: {e}")
-    if args.experts != "auto" and not args.experts.isdigit():
-        ap.error(f"--experts {args.experts!r}: a number or auto")
 
 
 if __name__ == "__main__":

@@ -169,6 +169,15 @@ def test_topk_per_length() -> None:
         bench_glm5_layers.topk_for("131072:2", 32768)
 
 
+def test_glm5_refuses_fewer_experts_than_the_routed_top_k(capsys) -> None:
+    """Before: the router's torch.topk failed in every cell ("selected index k out of range")."""
+    with pytest.raises(SystemExit):
+        bench_glm5_layers.main(["--experts", "6", "--seqs", "32768", "--out", "/nonexistent"])
+    assert "--experts 6 is below the routed top-k 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 131072's top-2 does not lift the 32K cells' top-8
+        bench_glm5_layers.main(["--experts", "4", "--seqs", "32768,131072", "--out", "/x"])
+
+
 def test_smoke_runs_every_script_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import _cells
 
