@@ -1,5 +1,4 @@
-"""Which head dims (and input dtype) the Triton kernels take: one place for the rules, no
-Triton import.
+"""Which head dims and input dtype the Triton kernels take: the rules in one place, no Triton.
 
 Triton block shapes are powers of two and tensor-core tiles want >= 16 elements per dim, so each
 kernel takes only some head dims (MLA's real ones all fit: 576 = 512 + 64, 192 = 128 + 64, 128).

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+from tests.helpers.doc_snippets import DOCS, REPO, snippets
+
 #: Example values of the shell variables documented loops use.
 SHELL_VALUES = {"lr": "1e-5"}
 #: model.hf_path placeholders -> the preset whose config.json stands in for the checkpoint.
@@ -33,17 +33,6 @@ GPUS_PER_NODE = 8
 def _sbatch_default_nodes() -> int:
     text = (REPO / "scripts/slurm/train.sbatch").read_text()
     return int(re.search(r"^#SBATCH --nodes=(\d+)", text, re.M).group(1))
-
-
-def _snippets(text: str) -> list[str]:
-    """Shell lines of fenced blocks (continuations joined) and inline code spans."""
-    out: list[str] = []
-    fenced = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
-    for block in fenced.findall(text):
-        out += [ln for ln in block.replace("\\\n", " ").splitlines() if ln.strip()]
-    prose = fenced.sub("", text)
-    out += [m.replace("\n", " ") for m in re.findall(r"`([^`]+)`", prose)]
-    return out
 
 
 def _option(words: list[str], *names: str) -> str | None:
@@ -100,7 +89,7 @@ def _parse(line: str) -> tuple[list[str], int] | None:
 def documented_commands() -> list[tuple[str, list[str], int]]:
     found = []
     for doc in DOCS:
-        for line in _snippets(doc.read_text()):
+        for line in snippets(doc.read_text()):
             if "..." in line or "--multirun" in line:
                 continue
             parsed = _parse(line)
