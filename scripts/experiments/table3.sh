@@ -6,6 +6,8 @@
 #      (the base, its search and zero-step evaluations; budget 510 s; status "base only")
 #   B: bash scripts/experiments/table3.sh "$OUT" --reuse-base --base-steps D,S --arm-steps W,S
 #      (reuses A's base and analysis when its fingerprint matches, else says so and trains it)
+# More calls (C, ...) reuse the base the same way with their own --seeds; merge their reports here:
+#   python scripts/experiments/table3_merge.py --out merged OUT_B OUT_C
 # Needs .devdata/corpus_v1 (or CORPUS_V1_DIR): python scripts/build_default_corpus.py
 #   --full .devdata/corpus_v1 --max-train-tokens 8000000. Extra arguments go to table3.py
 #   (--arm-steps W,S fixes the arm steps instead of sizing them to the budget; --arms, --seeds
