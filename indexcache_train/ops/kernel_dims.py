@@ -87,9 +87,10 @@ KERNEL_DTYPE = "bfloat16"
 
 def dtype_reason(dtype_name: str) -> str | None:
     """``None`` for bf16 inputs; else why the kernels decline (``dtype_name``: e.g. ``float32``)."""
-    if dtype_name.removeprefix("torch.") == KERNEL_DTYPE:
+    name = dtype_name.removeprefix("torch.")
+    if name == KERNEL_DTYPE:
         return None
     return (
-        f"inputs are {dtype_name.removeprefix('torch.')}; the Triton kernels take {KERNEL_DTYPE} "
+        f"inputs are {name}; the Triton kernels take {KERNEL_DTYPE} "
         "(float32 runs the PyTorch reference: exact fp32, no TF32)"
     )

@@ -63,9 +63,9 @@ def merge(docs: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     """One results document from several calls' (checked, see the module docstring)."""
     if len(docs) < 2:
         raise MergeError("give at least two call directories to merge")
-    if any(not doc.get("base_fingerprint") for _, doc in docs):
-        bad = next(d for d, doc in docs if not doc.get("base_fingerprint"))
-        raise MergeError(f"{bad}: the report has no base fingerprint (a call before e51deff?)")
+    for d, doc in docs:
+        if not doc.get("base_fingerprint"):
+            raise MergeError(f"{d}: the report has no base fingerprint (a call before e51deff?)")
     _check_same(docs, "base fingerprint", lambda doc: doc["base_fingerprint"])
     _check_same(docs, "evaluation", lambda doc: (doc.get("plan") or {}).get("eval"))
     with_arms = [(d, doc) for d, doc in docs if (doc.get("sizing") or {}).get("sparse")]
@@ -94,12 +94,14 @@ def merge(docs: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
         merged_from=[str(d) for d, _ in docs],
         wall_s=sum(doc.get("wall_s") or 0 for _, doc in docs),
         budget_s=sum(doc.get("budget_s") or 0 for _, doc in docs),
-        notes=[f"{d.name}: {n}" for d, doc in docs for n in doc.get("notes", [])],
+        notes=[
+            "merged from " + ", ".join(str(d) for d, _ in docs),
+            *(f"{d.name}: {n}" for d, doc in docs for n in doc.get("notes", [])),
+        ],
         summary=summarize(runs),
     )
     for key in ("reference", "base_quality", "hf_check", "search"):
         merged[key] = next((doc[key] for _, doc in docs if doc.get(key)), None)
-    merged["notes"].insert(0, "merged from " + ", ".join(str(d) for d, _ in docs))
     return merged
 
 
